@@ -17,13 +17,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--suite", choices=(*SUITES, "all"), default="kernels")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument(
+        "--host-memory",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: fedkernels.keep_host_memory() (glibc keeps freed buffers warm; applies to "
+        "NumPy and JAX alike); default: glibc's defaults, large buffers mapped afresh per call",
+    )
     args = parser.parse_args(argv)
+
+    import fedkernels
+
+    kept = args.host_memory == "keep" and fedkernels.keep_host_memory()
 
     from bench import _common
 
     device = _common.get_device(args.device)
     ctx = _common.Context(quick=args.quick, device=device, out_dir=args.out)
     ctx.machine = _common.machine_info(device)
+    ctx.machine["host_memory_kept"] = bool(kept)
     ctx.progress(f"machine: {ctx.machine}")
     ctx.progress("measuring copy bandwidth")
     ctx.bandwidth_info = _common.copy_bandwidth(device)

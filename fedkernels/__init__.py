@@ -11,6 +11,7 @@ from fedkernels._client_state import (
     residual_store,
 )
 from fedkernels._flatten import Unflatten, flatten
+from fedkernels._host import host_memory_kept, keep_host_memory
 from fedkernels._masked import masked_mean, masked_sum
 from fedkernels._pipeline import (
     AggregateSums,
@@ -47,6 +48,8 @@ __all__ = [
     "compressor",
     "dequantize",
     "flatten",
+    "host_memory_kept",
+    "keep_host_memory",
     "magnitude_key",
     "masked_mean",
     "masked_sum",
