@@ -3,9 +3,8 @@
 Cases:
 - `round_topk1%_ef_8bit`: C clients x d parameters, top-k 1% (global), error feedback,
   8-bit stochastic quantization, server decode and mean. Implementations: fedkernels
-  (`compressor(...).round`, one jit for encode + decode, selecting with the core
-  `fedkernels.top_k`), the same one client per scan step, the same selecting with float
-  `lax.top_k`, and the per-client NumPy loop a Flower user writes
+  (`compressor(...).round`, one jit for encode + decode, radix select one client row at a
+  time), the same one client per scan step, and the per-client NumPy loop a Flower user writes
   (`np.argpartition`, stochastic rounding, `np.add.at`). Same data, same process.
 - `chunked_round_...`: C=1000 x d=1e6 (4 GB of float32 updates if materialised) aggregated
   in chunks of clients with updates generated inside the loop, in a fresh subprocess whose
@@ -26,7 +25,6 @@ import numpy as np
 
 import fedkernels as fk
 from bench import _common
-from fedkernels import _pipeline
 
 
 def numpy_round(updates: np.ndarray, residuals: np.ndarray, k: int, bits: int, seed: int):
@@ -84,27 +82,6 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
 
     impls.append(("fedkernels chunk_size=1", fedkernels_chunked))
 
-    # The same pipeline selecting with float lax.top_k on |x| instead of the core's radix
-    # select (fedkernels.top_k): the selection is most of the round's time.
-    def with_flag(value, fn):
-        saved = _pipeline.USE_CORE_TOP_K
-        _pipeline.USE_CORE_TOP_K = value
-        try:
-            return fn()
-        finally:
-            _pipeline.USE_CORE_TOP_K = saved
-
-    _pipeline._build.cache_clear()
-    comp_lax = fk.compressor(template, **options)
-    _pipeline._build.cache_clear()
-
-    def lax_topk_round(u, r):
-        # Traced on the first call: the flag must be set while it traces.
-        res = with_flag(False, lambda: comp_lax.round({"w": u}, key, client_ids=ids,
-                                                      residuals=r))
-        return res.mean, res.residuals
-
-    impls.append(("fedkernels (lax.top_k on |x|)", lax_topk_round))
     impls.append(("numpy per-client loop", None))
 
     records = []

@@ -68,9 +68,24 @@ def _select_bit(words: jax.Array, rank: jax.Array) -> jax.Array:
     return position.astype(jnp.int32)
 
 
-def _cumsum(values: jax.Array) -> jax.Array:
-    # associative_scan: 2 to 3x faster than jnp.cumsum (a reduce_window) on XLA:CPU.
-    return lax.associative_scan(jnp.add, values)
+def _cumsum(values: jax.Array, max_value: int = WORD) -> jax.Array:
+    """Inclusive prefix sum of int32 `[n]` whose entries lie in `[0, max_value]`.
+
+    Blocks of 32 are summed by a matmul with an upper-triangular matrix of ones (exact in
+    float32 while a block's sum stays below 2**24), and the block offsets by the same scan,
+    recursively; a level whose sums could pass 2**24 uses `lax.associative_scan` in int32.
+    On XLA:CPU this is 2 to 5x faster than `associative_scan` or `jnp.cumsum` (a
+    reduce_window) over 31250 entries: 0.08 ms against 0.2 to 0.4 ms per row.
+    """
+    n = values.shape[0]
+    if n <= WORD or max_value * WORD >= 1 << 24:
+        return lax.associative_scan(jnp.add, values.astype(jnp.int32))
+    blocks = jnp.pad(values, (0, -n % WORD)).reshape(-1, WORD).astype(jnp.float32)
+    upper = jnp.triu(jnp.ones((WORD, WORD), jnp.float32))
+    within = jnp.dot(blocks, upper, precision=lax.Precision.HIGHEST).astype(jnp.int32)
+    totals = within[:, -1]
+    offsets = _cumsum(totals, max_value * WORD) - totals
+    return (within + offsets[:, None]).reshape(-1)[:n]
 
 
 def _compact(words: jax.Array, size: int) -> jax.Array:
@@ -90,7 +105,7 @@ def _compact(words: jax.Array, size: int) -> jax.Array:
         # first slot (scatter-add, out-of-range starts dropped), then a prefix sum over slots.
         starts = jnp.minimum(inclusive - counts, size)
         marks = jnp.zeros(size + 1, jnp.int32).at[starts].add(1, mode="drop")
-        word = _cumsum(marks[:size]) - 1
+        word = _cumsum(marks[:size], num_words) - 1
     word = jnp.clip(word, 0, num_words - 1)
     rank = slots - (inclusive[word] - counts[word])
     return word * WORD + _select_bit(words[word], rank)
@@ -114,19 +129,25 @@ def _key_info(dtype: jnp.dtype) -> tuple[jnp.dtype, int, int, jnp.dtype]:
     return jnp.int32, 2**31 - 1, 0x7F800000, jnp.float32
 
 
+SAMPLE_SIZE = 16384  # keys in the strided sample that brackets the k-th largest
+SAMPLE_SIGMAS = 4.5  # bracket half-width in binomial standard deviations
+
+
 def sample_plan(d: int, k: int) -> tuple[int, int, int, int]:
     """Static sampling plan: (sample stride, sample size, hi rank, lo rank), ranks descending.
 
     The number of sample keys above the k-th largest is about binomial(s, k/d); the bracket
-    takes 6 standard deviations (plus 2) on each side, so it misses T with probability below
-    1e-8 for tie-free data, and then only costs extra counting passes.
+    takes 4.5 standard deviations (plus 2) on each side, so for tie-free data it misses T with
+    probability below 1e-5, and a miss only costs extra counting passes (the result is exact).
+    Measured: a 16384-key sample costs 0.1 ms per row of 1e6 against 0.6 ms for 65536 keys,
+    and leaves about 6000 candidates for k = 1e4.
     """
-    stride = max(1, d // 65536)
+    stride = max(1, d // SAMPLE_SIZE)
     size = d // stride
     if stride == 1:
         return 1, d, k - 1, k - 1  # the sample is the row: its k-th key is T itself
     expected = k / stride
-    spread = 6.0 * math.sqrt(expected * max(1.0 - k / d, 0.0)) + 2.0
+    spread = SAMPLE_SIGMAS * math.sqrt(expected * max(1.0 - k / d, 0.0)) + 2.0
     hi_rank = math.floor(expected - spread)
     lo_rank = math.ceil(expected + spread)
     return stride, size, hi_rank, lo_rank
@@ -139,17 +160,19 @@ def default_capacity(d: int, k: int) -> int:
     return int(min(d, max(4096, 2 * expected)))
 
 
-def kth_largest(
-    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None
-) -> jax.Array:
-    """T, the k-th largest of the nonnegative integer keys `key_fn(x)` (`[d]`), exactly.
+def _bracket(
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Splits the row around T, the k-th largest key, by counting passes over packed masks.
 
-    The keys are recomputed from `x` inside every pass rather than stored: writing a key array
-    the size of `x` costs more on CPU than the pass itself.
+    Returns `(above, bracket, count_above, a)`: bit-packed masks of the keys above a bound `b`
+    and of the keys in `[a, b]`, with `a <= T <= b` and `count_above < k <= count_above +
+    #bracket`. `#bracket <= capacity` unless `a == b` (then T = a, tied more than capacity
+    times). The keys are recomputed from `x` inside every pass
+    rather than stored: writing a key array the size of `x` costs more on CPU than the pass.
     """
     d = x.shape[-1]
     key_dtype, key_max, key_inf, float_dtype = _key_info(jax.eval_shape(key_fn, x).dtype)
-    capacity = default_capacity(d, k) if capacity is None else min(capacity, d)
 
     # Bracket from a strided sample. Order statistics via lax.top_k on the keys viewed as
     # floats (clamped at +Inf so NaN payloads do not compare unordered): exact and monotone.
@@ -165,12 +188,20 @@ def kth_largest(
     if stride == 1 and lo_rank < size:
         hi = lo  # the exact T of an unsampled row; the key may still be a clamped NaN
 
+    # The sample's trial: one pass, two packed masks (usually the only pass needed).
+    keys = key_fn(x)
+    gt_hi = _pack(keys > hi)
+    ge_lo = _pack(keys >= lo)
+    count_gt_hi, count_ge_lo = _count(gt_hi), _count(ge_lo)
+
+    def from_sample():
+        return gt_hi, ge_lo & ~gt_hi, count_gt_hi, lo
+
+    # Otherwise narrow [a, b] by bisection of the key range, one counting pass per step
+    # (radix select), until T is bracketed by at most `capacity` keys. Always ends; exact.
     # Invariant: T in [a, b]; count_ge_a = #(keys >= a) >= k; count_gt_b = #(keys > b) < k.
     def narrow(state):
-        a, b, count_ge_a, count_gt_b, lo, hi = state
-        keys = key_fn(x)
-        count_gt_hi = _count(_pack(keys > hi))
-        count_ge_lo = _count(_pack(keys >= lo))
+        a, b, count_ge_a, count_gt_b, lo, hi, count_gt_hi, count_ge_lo = state
         above = count_gt_hi >= k  # T > hi
         below = count_ge_lo < k  # T < lo
         inside = ~above & ~below
@@ -179,37 +210,100 @@ def kth_largest(
         b = jnp.where(below, lo - 1, jnp.where(inside, hi, b))
         count_gt_b = jnp.where(below, count_ge_lo, jnp.where(inside, count_gt_hi, count_gt_b))
         mid = a + (b - a) // 2  # next trial: plain bisection of the key range
-        return a, b, count_ge_a, count_gt_b, mid, mid
+        keys = key_fn(x)
+        count = _count(_pack(keys > mid))
+        count_ge = count + _count(_pack(keys == mid))
+        return a, b, count_ge_a, count_gt_b, mid, mid, count, count_ge
 
     def unfinished(state):
-        a, b, count_ge_a, count_gt_b, _, _ = state
+        a, b, count_ge_a, count_gt_b = state[:4]
         return (a < b) & (count_ge_a - count_gt_b > capacity)
 
-    zero = jnp.asarray(0, key_dtype)
-    state = (zero, jnp.asarray(key_max, key_dtype), jnp.int32(d), jnp.int32(0), lo, hi)
-    # The sample's trial runs outside the loop (usually the only one needed): XLA:CPU fuses a
-    # pass inside a while body less well, about 2x slower.
-    state = narrow(state)
-    a, b, _, count_gt_b, _, _ = lax.while_loop(unfinished, narrow, state)
+    def by_bisection():
+        zero = jnp.asarray(0, key_dtype)
+        state = (zero, jnp.asarray(key_max, key_dtype), jnp.int32(d), jnp.int32(0), lo, hi,
+                 count_gt_hi, count_ge_lo)
+        state = lax.while_loop(unfinished, narrow, narrow(state))
+        a, b, _, count_gt_b = state[:4]
+        keys = key_fn(x)
+        return _pack(keys > b), _pack((keys >= a) & (keys <= b)), count_gt_b, a
 
-    # At most `capacity` keys lie in [a, b]: compact them and find T among them by bisection.
-    keys = key_fn(x)
-    in_bracket = _pack((keys >= a) & (keys <= b))
-    candidate_keys = key_fn(x[_compact(in_bracket, capacity)])
-    valid = jnp.arange(capacity) < _count(in_bracket)
-    candidate_keys = jnp.where(valid, candidate_keys, jnp.asarray(-1, key_dtype))
-    rank = k - count_gt_b  # T is the rank-th largest candidate, 1 <= rank <= #candidates
+    from_sample_ok = (
+        (count_gt_hi < k) & (count_ge_lo >= k) & (count_ge_lo - count_gt_hi <= capacity)
+    )
+    return lax.cond(from_sample_ok, from_sample, by_bisection)
 
-    def bisect(_, bounds):
+
+def _candidates(
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(above, bracket, candidate positions, candidate keys (-1 in unused slots), T, rank of T
+    among the bracket). When the bracket overflows `capacity` it holds only keys equal to T."""
+    d = x.shape[-1]
+    capacity = default_capacity(d, k) if capacity is None else max(1, min(capacity, d))
+    above, bracket, count_above, a = _bracket(x, key_fn, k, capacity)
+    key_dtype = jax.eval_shape(key_fn, x).dtype
+    positions = _compact(bracket, capacity)
+    valid = jnp.arange(capacity) < _count(bracket)
+    keys = jnp.where(valid, key_fn(x[positions]), jnp.asarray(-1, key_dtype))
+    rank = k - count_above  # T is the rank-th largest candidate, 1 <= rank <= #candidates
+
+    # Bisection on the few candidates, from their own range; packed counts (module docstring).
+    def bisect(bounds):
         low, high = bounds  # T in [low, high]
         gap = high - low  # no overflow: both in [0, key_max]
         mid = low + gap // 2 + (gap & 1)
-        enough = _count(_pack(candidate_keys >= mid)) >= rank  # packed: see module docstring
+        enough = _count(_pack(keys >= mid)) >= rank
         return jnp.where(enough, mid, low), jnp.where(enough, high, mid - 1)
 
-    steps = 8 * jnp.dtype(key_dtype).itemsize
-    low, _ = lax.fori_loop(0, steps, bisect, (a, b))
-    return jnp.where(a == b, a, low)
+    overflow = _count(bracket) > capacity  # then every bracket key equals a (= T)
+    low = jnp.min(jnp.where(valid, keys, jnp.iinfo(key_dtype).max))
+    high = jnp.where(overflow, low, jnp.max(keys))
+    threshold, _ = lax.while_loop(lambda b: b[0] < b[1], bisect, (low, high))
+    threshold = jnp.where(overflow, a, threshold)
+    return above, bracket, positions, keys, threshold, rank
+
+
+def kth_largest(
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None
+) -> jax.Array:
+    """T, the k-th largest of the nonnegative integer keys `key_fn(x)` (`x: [d]`), exactly."""
+    return _candidates(x, key_fn, k, capacity)[4]
+
+
+def top_k_words(
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None
+) -> jax.Array:
+    """Bit-packed mask (uint32 `[ceil(d / 32)]`, exactly k bits set) of the k largest keys
+    `key_fn(x)`, `x: [d]`, ties at the k-th key to the lower index.
+
+    Every key above T is set by the counting passes; the candidates (keys in the bracket
+    around T, ascending positions) that are above T, and the first `rank - #(above T)` of
+    those equal to T, are added by a scatter of their bits, without another pass over `x`.
+    """
+    above, bracket, positions, keys, threshold, rank = _candidates(x, key_fn, k, capacity)
+
+    def from_candidates():
+        over = keys > threshold
+        ties = keys == threshold
+        room = rank - _count(_pack(over))
+        chosen = over | (ties & (_cumsum(ties.astype(jnp.int32), 1) <= room))
+        bit = jnp.uint32(1) << (positions % WORD).astype(jnp.uint32)
+        bits = lax.bitcast_convert_type(jnp.where(chosen, bit, jnp.uint32(0)), jnp.int32)
+        # Chosen candidates are outside `above` and distinct: adding their bits sets them.
+        words = lax.bitcast_convert_type(above, jnp.int32).at[positions // WORD].add(bits)
+        return lax.bitcast_convert_type(words, jnp.uint32)
+
+    def many_ties():  # the bracket is all T and overflowed the candidates: first `rank` of it
+        return above | _first_bits(bracket, rank)
+
+    return lax.cond(_count(bracket) > keys.shape[0], many_ties, from_candidates)
+
+
+def unpack_mask(words: jax.Array, d: int) -> jax.Array:
+    """bool `[d]`: bit i of the packed `words` (the inverse of `_pack`)."""
+    i = jnp.arange(d, dtype=jnp.uint32)
+    return ((words[i // WORD] >> (i % WORD)) & jnp.uint32(1)).astype(jnp.bool_)
 
 
 def top_k_indices_radix(
@@ -217,9 +311,4 @@ def top_k_indices_radix(
 ) -> jax.Array:
     """Indices (int32, ascending) of the k largest keys `key_fn(x)`, `x: [d]`, ties to the
     lower index. `key_fn` is elementwise, giving nonnegative int32 or int64 keys."""
-    threshold = kth_largest(x, key_fn, k, capacity)
-    keys = key_fn(x)
-    above = _pack(keys > threshold)
-    equal = _pack(keys == threshold)
-    words = above | _first_bits(equal, k - _count(above))
-    return _compact(words, k)
+    return _compact(top_k_words(x, key_fn, k, capacity), k)

@@ -67,10 +67,41 @@ def _top_k_indices(x: jax.Array, k: int, method: str) -> jax.Array:
         _, indices = lax.top_k(float_keys, k)
         return jnp.sort(indices, axis=-1)
     # "auto" and "radix": exact threshold search on the keys (fedkernels/_radix.py).
-    select = lambda row: _radix.top_k_indices_radix(row, magnitude_key, k)
+    return _radix_rows(lambda row: _radix.top_k_indices_radix(row, magnitude_key, k), x)
+
+
+def top_k_row_words(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """One row `x` `[d]` -> (bit-packed selection mask uint32 `[ceil(d/32)]`, indices `[k]`
+    ascending): the set `top_k(x, k)` selects (method "auto"), as a mask and as indices.
+
+    The mask lets callers zero the selected coordinates in one elementwise pass (error
+    feedback) instead of scattering into `[d]`.
+    """
+    d = x.shape[-1]
+    if d >= AUTO_RADIX_MIN_LENGTH:
+        words = _radix.top_k_words(x, magnitude_key, k)
+        return words, _radix._compact(words, k)
+    indices = _top_k_indices(x, k, "lax").astype(jnp.int32)
+    bits = lax.bitcast_convert_type(
+        jnp.uint32(1) << (indices % _radix.WORD).astype(jnp.uint32), jnp.int32
+    )
+    words = jnp.zeros((-(-d // _radix.WORD),), jnp.int32).at[indices // _radix.WORD].add(bits)
+    return lax.bitcast_convert_type(words, jnp.uint32), indices
+
+
+def _radix_rows(select: Any, x: jax.Array, *more: jax.Array) -> Any:
+    """`select(row, *rows)` for each row of `x` `[..., d]` (and of `more`, same shape),
+    leading dimensions restored.
+
+    Rows go through `lax.map`, one at a time, not `vmap`: the radix select branches per row
+    (`lax.cond`, `while_loop`), which vmap would turn into computing every branch, and one
+    row's working set stays in cache. Measured: [20, 1e6] 2x faster than vmap.
+    """
     if x.ndim == 1:
-        return select(x)  # unbatched: stays within what jax2tf converts without XLA ops
-    return jax.vmap(select)(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], k)
+        return select(x, *more)
+    rows = tuple(a.reshape(-1, a.shape[-1]) for a in (x, *more))
+    out = lax.map(lambda r: select(*r), rows)
+    return jax.tree_util.tree_map(lambda a: a.reshape(*x.shape[:-1], *a.shape[1:]), out)
 
 
 def top_k(x: Any, k: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array]:
@@ -145,9 +176,21 @@ def top_k_with_feedback(
     _validate.same_shape("residual", residual, x.shape, "the shape of x")
     if residual.dtype != x.dtype:
         raise TypeError(f"residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
-    acc = x + residual
-    values, indices = top_k(acc, k, method=method)
-    # Mask by scatter-add of ones (not `.at[].set`), which stays in the jax2tf-convertible set.
-    sent = scatter(jnp.ones(indices.shape, jnp.int32), indices, acc.shape[-1]) > 0
-    new_residual = jnp.where(sent, jnp.zeros_like(acc), acc)
-    return values, indices, new_residual
+    d = x.shape[-1]
+    if method == "lax" or (method == "auto" and d < AUTO_RADIX_MIN_LENGTH):
+        acc = x + residual
+        values, indices = top_k(acc, k, method="lax")
+        # Mask by scatter-add of ones (not `.at[].set`), in the jax2tf-convertible set.
+        sent = scatter(jnp.ones(indices.shape, jnp.int32), indices, d) > 0
+        return values, indices, jnp.where(sent, jnp.zeros_like(acc), acc)
+
+    # Radix select, one row at a time: the selection's bit-packed mask gives the residual in
+    # one elementwise pass (no scatter into [d]); acc is recomputed in each pass, not stored.
+    def row(xr, rr):
+        acc = xr + rr
+        words = _radix.top_k_words(acc, magnitude_key, k)
+        indices = _radix._compact(words, k)
+        sent = _radix.unpack_mask(words, d)
+        return acc[indices], indices, jnp.where(sent, jnp.zeros_like(acc), acc)
+
+    return _radix_rows(row, x, residual)

@@ -104,13 +104,33 @@ def test_radix_equals_lax_method(kind):
     assert "auto" in fk._topk.METHODS and "radix" in fk._topk.METHODS
 
 
-def test_radix_top_k_is_the_default_and_feedback_matches_lax():
-    x = jnp.asarray(_rows("ties", (2, 3000)))
-    residual = jnp.asarray(_rows("normal", (2, 3000)))
-    fast = fk.top_k_with_feedback(x, residual, 300)
+@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "few_values"])
+def test_radix_feedback_matches_lax_and_conserves(kind):
+    # The radix path zeroes the selection through its bit-packed mask, one row at a time.
+    x = jnp.asarray(_rows(kind, (2, 3, 3001)))
+    residual = jnp.asarray(_rows("normal", (2, 3, 3001)))
+    fast = fk.top_k_with_feedback(x, residual, 300, method="radix")
     slow = fk.top_k_with_feedback(x, residual, 300, method="lax")
     for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
+    if kind != "nonfinite":  # scatter(values) + new_residual == acc, bit for bit
+        values, indices, new_residual = fast
+        acc = np.asarray(x) + np.asarray(residual)
+        rebuilt = np.asarray(new_residual).copy()
+        np.put_along_axis(rebuilt, np.asarray(indices), np.asarray(values), axis=-1)
+        np.testing.assert_array_equal(rebuilt, acc)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "few_values", "all_equal", "nonfinite"])
+@pytest.mark.parametrize("d,k", [(5000, 1), (5000, 700), (1 << 18, 2621)])
+def test_top_k_row_words_mask_equals_indices_and_reference(kind, d, k):
+    # Both branches: lax.top_k below AUTO_RADIX_MIN_LENGTH, radix select from there on.
+    x = _rows(kind, (d,))
+    words, indices = jax.jit(fk._topk.top_k_row_words, static_argnums=1)(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(indices), ref.top_k(x, k)[1])
+    assert words.shape == (-(-d // 32),) and words.dtype == jnp.uint32
+    mask = np.asarray(_radix.unpack_mask(words, d))
+    np.testing.assert_array_equal(np.flatnonzero(mask), np.asarray(indices))
 
 
 @pytest.mark.parametrize("capacity", [1, 40])
