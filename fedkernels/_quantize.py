@@ -66,12 +66,19 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
         codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
     if 32 % bits == 0:
         # Codes never straddle words: word w holds codes w*per .. w*per+per-1, code j of the
-        # word at offset j*bits. One fused shift-and-sum (a narrow row reduction), several
-        # times faster on CPU than assembling 32 strided slices.
+        # word at offset j*bits. Measured on XLA:CPU (d = 1e7, codes computed in the same
+        # fusion): for 2 or 4 codes per word an or of strided slices is fastest (16 bits: 2 ms
+        # against 18 ms for the reduction); for 8 or more, a shift-and-sum over a narrow row
+        # is (1 bit: 3 ms against 12 ms for 32 slices).
         per = 32 // bits
+        lanes = codes.reshape(*codes.shape[:-1], groups * bits, per)
+        if per <= 4:
+            words = lanes[..., 0]
+            for j in range(1, per):
+                words = words | (lanes[..., j] << jnp.uint32(j * bits))
+            return words
         shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
-        lanes = codes.reshape(*codes.shape[:-1], groups * bits, per) << shifts
-        return jnp.sum(lanes, axis=-1, dtype=jnp.uint32)
+        return jnp.sum(lanes << shifts, axis=-1, dtype=jnp.uint32)
     codes = codes.reshape(*codes.shape[:-1], groups, 32)
     words = [None] * bits
     for i in range(32):
@@ -149,7 +156,61 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     counter = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     h = _mix32(counter * jnp.uint32(0x9E3779B9) ^ words[0])
     h = _mix32(h + words[-1])
-    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+    # Through int32: the same value, and x86 has no vector uint32 -> float32 conversion.
+    return (h >> 8).astype(jnp.int32).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+# Fan-in of the elementwise min/max tree in `_finite_range`: 16 strided slices per output
+# element. Measured (d = 1e7 float32, 2 cores): 2.6 ms for min and max together, against
+# 27 ms for `jnp.min` plus `jnp.max` of the masked array (XLA:CPU's full reductions run on one
+# thread and do not vectorize the NaN-propagating min); fan-in 64 was slower again.
+_RANGE_FANIN = 16
+
+
+def _finite_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Min and max over the finite entries of the last axis of float32 `x` (+Inf, -Inf if none).
+
+    A tree of elementwise minimum/maximum over `_RANGE_FANIN` strided slices, min and max
+    stacked in one output so that `x` is read once, then a small reduction.
+    """
+    inf = jnp.float32(jnp.inf)
+    n = x.shape[-1]
+    batch = x.shape[:-1]
+    m = n // _RANGE_FANIN
+    if m < 4 * _RANGE_FANIN:  # small rows: plain masked reductions
+        finite = jnp.abs(x) < inf
+        return (
+            jnp.min(jnp.where(finite, x, inf), axis=-1),
+            jnp.max(jnp.where(finite, x, -inf), axis=-1),
+        )
+    head = x[..., : m * _RANGE_FANIN].reshape(*batch, _RANGE_FANIN, m)
+    lo = jnp.full((*batch, m), inf)
+    hi = -lo
+    for i in range(_RANGE_FANIN):
+        v = head[..., i, :]
+        finite = jnp.abs(v) < inf  # false for NaN and +-Inf
+        lo = jnp.minimum(lo, jnp.where(finite, v, inf))
+        hi = jnp.maximum(hi, jnp.where(finite, v, -inf))
+    pair = jnp.stack([lo, hi], axis=-1)  # one output, so one pass over `x` computes both
+    lo, hi = pair[..., 0], pair[..., 1]
+    # Levels below the first hold no NaN; fold again while it pays, then reduce.
+    while lo.shape[-1] >= 4 * _RANGE_FANIN * _RANGE_FANIN:
+        k = lo.shape[-1] // _RANGE_FANIN
+        rest_lo, rest_hi = lo[..., k * _RANGE_FANIN :], hi[..., k * _RANGE_FANIN :]
+        a = lo[..., : k * _RANGE_FANIN].reshape(*batch, _RANGE_FANIN, k)
+        b = hi[..., : k * _RANGE_FANIN].reshape(*batch, _RANGE_FANIN, k)
+        new_lo, new_hi = a[..., 0, :], b[..., 0, :]
+        for i in range(1, _RANGE_FANIN):
+            new_lo = jnp.minimum(new_lo, a[..., i, :])
+            new_hi = jnp.maximum(new_hi, b[..., i, :])
+        pair = jnp.stack([new_lo, new_hi], axis=-1)
+        lo = jnp.concatenate([pair[..., 0], rest_lo], axis=-1)
+        hi = jnp.concatenate([pair[..., 1], rest_hi], axis=-1)
+    tail = x[..., m * _RANGE_FANIN :]
+    tail_finite = jnp.abs(tail) < inf
+    tail_lo = jnp.min(jnp.where(tail_finite, tail, inf), axis=-1, initial=inf)
+    tail_hi = jnp.max(jnp.where(tail_finite, tail, -inf), axis=-1, initial=-inf)
+    return jnp.minimum(jnp.min(lo, axis=-1), tail_lo), jnp.maximum(jnp.max(hi, axis=-1), tail_hi)
 
 
 def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "threefry") -> Quantized:
@@ -209,25 +270,23 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "threefry") -> Quan
                 f"({int(np.sum(~np.isfinite(host)))} non-finite entries)"
             )
     x = x.astype(jnp.float32)
-    finite = jnp.isfinite(x)
-    minimum = jnp.min(jnp.where(finite, x, jnp.inf), axis=-1)
-    maximum = jnp.max(jnp.where(finite, x, -jnp.inf), axis=-1)
+    minimum, maximum = _finite_range(x)
     # A row with no finite entry: range [0, 0].
     minimum = jnp.where(jnp.isfinite(minimum), minimum, 0.0)
     maximum = jnp.where(jnp.isfinite(maximum), maximum, 0.0)
     levels = jnp.float32((1 << bits) - 1)
     span = (maximum - minimum)[..., None]
-    scaled = jnp.where(
-        span > 0, (x - minimum[..., None]) / jnp.where(span > 0, span, 1.0) * levels, 0.0
-    )
-    scaled = jnp.where(x == jnp.inf, levels, jnp.where(finite, scaled, 0.0))
+    # Finite entries land in [0, levels] (rounding is monotone and (max-min)/(max-min) == 1);
+    # where span == 0 every finite entry equals the minimum, so this is 0 without a select.
+    scaled = (x - minimum[..., None]) / jnp.where(span > 0, span, 1.0) * levels
+    scaled = jnp.where(scaled > 0, scaled, 0.0)  # NaN and -Inf -> 0
+    scaled = jnp.where(scaled < levels, scaled, levels)  # +Inf -> levels
     lower = jnp.floor(scaled)
     if prng == "hash":
         uniform = hash_uniform(key, x.shape)
     else:
         uniform = jax.random.uniform(key, x.shape, jnp.float32)
-    codes = lower + (uniform < scaled - lower).astype(jnp.float32)
-    codes = jnp.clip(codes, 0.0, levels).astype(jnp.uint32)
+    codes = lower.astype(jnp.int32) + (uniform < scaled - lower).astype(jnp.int32)
     return Quantized(pack_bits(codes, bits), minimum, maximum, bits, x.shape[-1])
 
 

@@ -147,3 +147,60 @@ def test_errors():
         fk.quantize(jnp.ones((3, 0)), key)
     with pytest.raises(TypeError, match="q must be a Quantized"):
         fk.dequantize(jnp.ones(3))
+
+
+@pytest.mark.parametrize("n", [1, 7, 100, 1023, 1024, 1025, 16 * 64 + 15, 70_001, 300_007])
+def test_finite_range_matches_numpy_with_non_finite_anywhere(n):
+    from fedkernels import _quantize
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(3, n)).astype(np.float32) * 7
+    # Row 0 clean; row 1 NaN/+-Inf sprinkled, including the last entries (the tree's tail) and
+    # at the true extremes' neighbours; row 2 has no finite entry at all.
+    k = max(1, n // 50)
+    bad = rng.choice(n, size=min(n, 3 * k), replace=False)
+    x[1, bad[:k]] = np.nan
+    x[1, bad[k : 2 * k]] = np.inf
+    x[1, bad[2 * k :]] = -np.inf
+    x[1, -1] = -np.inf
+    x[2] = np.where(rng.random(n) < 0.5, np.nan, np.inf)
+    x[2, 0] = -np.inf
+    lo, hi = jax.jit(_quantize._finite_range)(jnp.asarray(x))
+    for row in range(3):
+        finite = x[row][np.isfinite(x[row])]
+        want_lo = finite.min() if finite.size else np.inf
+        want_hi = finite.max() if finite.size else -np.inf
+        assert float(lo[row]) == want_lo and float(hi[row]) == want_hi, (row, lo, hi)
+
+
+def test_finite_range_extremes_in_every_slice_position():
+    from fedkernels import _quantize
+
+    n = 16 * 1024 * 3 + 5  # two tree levels plus a tail
+    base = np.zeros(n, np.float32)
+    run = jax.jit(_quantize._finite_range)
+    for pos in [0, 1, 1023, 1024, n // 2, n - 6, n - 5, n - 1]:
+        x = base.copy()
+        x[pos], x[(pos + 1) % n] = -3.0, 5.0
+        lo, hi = run(jnp.asarray(x))
+        assert (float(lo), float(hi)) == (-3.0, 5.0), pos
+
+
+@pytest.mark.parametrize("prng", ["threefry", "hash"])
+def test_non_finite_policy_under_jit_large_rows(prng):
+    # Long rows take the tree path of `_finite_range`; the policy must not change with length.
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-2.0, 3.0, size=(2, 50_001)).astype(np.float32)
+    x[:, 17], x[:, 40_000], x[:, -1], x[1, 3] = np.inf, -np.inf, np.nan, -np.inf
+    q = jax.jit(lambda x: fk.quantize(x, jax.random.PRNGKey(0), bits=8, prng=prng))(x)
+    finite = np.where(np.isfinite(x), x, np.nan)
+    np.testing.assert_array_equal(np.asarray(q.minimum), np.nanmin(finite, axis=1))
+    np.testing.assert_array_equal(np.asarray(q.maximum), np.nanmax(finite, axis=1))
+    codes = np.asarray(fk.unpack_bits(q.packed, 8, x.shape[1]))
+    np.testing.assert_array_equal(codes[:, 17], [255, 255])
+    np.testing.assert_array_equal(codes[:, [40_000, -1]], 0)
+    assert codes[1, 3] == 0
+    decoded = np.asarray(fk.dequantize(q), np.float64)
+    ok = np.isfinite(x)
+    step = (np.asarray(q.maximum) - np.asarray(q.minimum))[:, None] / 255
+    assert np.all(np.abs(decoded - x)[ok] <= np.broadcast_to(step, x.shape)[ok] * (1 + 1e-4))
