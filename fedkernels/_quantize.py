@@ -170,8 +170,9 @@ _RANGE_FANIN = 16
 def _finite_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Min and max over the finite entries of the last axis of float32 `x` (+Inf, -Inf if none).
 
-    A tree of elementwise minimum/maximum over `_RANGE_FANIN` strided slices, min and max
-    stacked in one output so that `x` is read once, then a small reduction.
+    A tree of elementwise minima over `_RANGE_FANIN` strided slices, then a small reduction.
+    The maximum rides along as the minimum of `-x` in a trailing axis of size 2, so that one
+    pass over `x` computes both (two outputs sliced apart would be two passes over `x`).
     """
     inf = jnp.float32(jnp.inf)
     n = x.shape[-1]
@@ -184,33 +185,28 @@ def _finite_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
             jnp.max(jnp.where(finite, x, -inf), axis=-1),
         )
     head = x[..., : m * _RANGE_FANIN].reshape(*batch, _RANGE_FANIN, m)
-    lo = jnp.full((*batch, m), inf)
-    hi = -lo
+    lo = nhi = jnp.full((*batch, m), inf)
     for i in range(_RANGE_FANIN):
         v = head[..., i, :]
         finite = jnp.abs(v) < inf  # false for NaN and +-Inf
         lo = jnp.minimum(lo, jnp.where(finite, v, inf))
-        hi = jnp.maximum(hi, jnp.where(finite, v, -inf))
-    pair = jnp.stack([lo, hi], axis=-1)  # one output, so one pass over `x` computes both
-    lo, hi = pair[..., 0], pair[..., 1]
-    # Levels below the first hold no NaN; fold again while it pays, then reduce.
-    while lo.shape[-1] >= 4 * _RANGE_FANIN * _RANGE_FANIN:
-        k = lo.shape[-1] // _RANGE_FANIN
-        rest_lo, rest_hi = lo[..., k * _RANGE_FANIN :], hi[..., k * _RANGE_FANIN :]
-        a = lo[..., : k * _RANGE_FANIN].reshape(*batch, _RANGE_FANIN, k)
-        b = hi[..., : k * _RANGE_FANIN].reshape(*batch, _RANGE_FANIN, k)
-        new_lo, new_hi = a[..., 0, :], b[..., 0, :]
+        nhi = jnp.minimum(nhi, jnp.where(finite, -v, inf))
+    pair = jnp.stack([lo, nhi], axis=-1)  # [..., m, 2], NaN-free from here on
+    # Fold again while it pays: each level reads `pair` once.
+    while pair.shape[-2] >= 4 * _RANGE_FANIN * _RANGE_FANIN:
+        k = pair.shape[-2] // _RANGE_FANIN
+        rest = pair[..., k * _RANGE_FANIN :, :]
+        slices = pair[..., : k * _RANGE_FANIN, :].reshape(*batch, _RANGE_FANIN, k, 2)
+        folded = slices[..., 0, :, :]
         for i in range(1, _RANGE_FANIN):
-            new_lo = jnp.minimum(new_lo, a[..., i, :])
-            new_hi = jnp.maximum(new_hi, b[..., i, :])
-        pair = jnp.stack([new_lo, new_hi], axis=-1)
-        lo = jnp.concatenate([pair[..., 0], rest_lo], axis=-1)
-        hi = jnp.concatenate([pair[..., 1], rest_hi], axis=-1)
+            folded = jnp.minimum(folded, slices[..., i, :, :])
+        pair = jnp.concatenate([folded, rest], axis=-2)
+    pair = jnp.min(pair, axis=-2)  # [..., 2]
     tail = x[..., m * _RANGE_FANIN :]
     tail_finite = jnp.abs(tail) < inf
     tail_lo = jnp.min(jnp.where(tail_finite, tail, inf), axis=-1, initial=inf)
     tail_hi = jnp.max(jnp.where(tail_finite, tail, -inf), axis=-1, initial=-inf)
-    return jnp.minimum(jnp.min(lo, axis=-1), tail_lo), jnp.maximum(jnp.max(hi, axis=-1), tail_hi)
+    return jnp.minimum(pair[..., 0], tail_lo), jnp.maximum(-pair[..., 1], tail_hi)
 
 
 def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "threefry") -> Quantized:
