@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -32,8 +33,10 @@ def masked_sum(
 
     `numerator[j] = sum_c w_c m_cj x_cj`, `denominator[j] = sum_c w_c m_cj`, where
     `m_cj = mask[c, j] and isfinite(x[c, j])`: NaN/Inf entries never contribute, whatever the
-    mask says. The reduction runs as a scan over clients accumulating rows (one pass over
-    `x`), not as a column reduction, which XLA:CPU runs several times slower.
+    mask says. One pass over `x`: a loop over groups of client rows that adds them, in client
+    order, into one accumulator holding both sums (see `_blocked_sums`), not a column
+    reduction, which XLA:CPU runs several times slower. Unweighted counts are exact (counted in
+    float32 up to 2**24 clients, past that by an int32 scan).
 
     Args:
       x: float `[C, ...]`; axis 0 is the client axis.
@@ -57,14 +60,107 @@ def masked_sum(
     x, weights, mask = _check(x, weights, mask)
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
     count_dtype = jnp.int32 if weights is None else acc_dtype
-    numerator = jnp.zeros(x.shape[1:], acc_dtype)
-    denominator = jnp.zeros(x.shape[1:], count_dtype)
-    if x.shape[0] == 0:
-        return numerator, denominator
+    num_clients, out_shape = x.shape[0], x.shape[1:]
+    if num_clients == 0 or math.prod(out_shape) == 0:
+        return jnp.zeros(out_shape, acc_dtype), jnp.zeros(out_shape, count_dtype)
     weights = None if weights is None else weights.astype(acc_dtype)
+    if weights is None and acc_dtype == jnp.float32 and num_clients > _MAX_EXACT_FLOAT32_COUNT:
+        return _scan_sums(x, weights, mask, acc_dtype, count_dtype)
+    numerator, denominator = _blocked_sums(x, weights, mask, acc_dtype)
+    return numerator.reshape(out_shape), denominator.reshape(out_shape).astype(count_dtype)
 
-    # One pass over x: a scan over client rows that computes each row's contribution mask on
-    # the fly, so no [C, ...] mask is ever written (writing it costs more than the whole sum).
+
+# Columns per block of the `[num_blocks, 2, block]` accumulator, and client rows added per
+# loop step (see `_blocked_sums`). Measured on a 2-core EPYC (L2 512 KiB per core), jax 0.4.30,
+# X float32[100, 1e6]: 5 to 10 rows per step run at numpy's `X.mean(0)` speed or faster; 20
+# rows per step, or one row per step, 1.5 to 3 times slower.
+_BLOCK = 8192
+_ROWS_PER_STEP = 10
+# Unweighted counts accumulate in the float accumulator: float32 holds integers up to 2**24.
+_MAX_EXACT_FLOAT32_COUNT = 2**24
+
+
+def _block_size(d: int) -> int:
+    """A block length for d columns: d itself when small, else preferably a divisor of d."""
+    if d <= _BLOCK:
+        return d
+    for block in range(_BLOCK, _BLOCK // 2, -1):
+        if d % block == 0:
+            return block
+    return _BLOCK
+
+
+def _blocked_sums(
+    x: jax.Array, weights: jax.Array | None, mask: jax.Array | None, acc_dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Flat `(numerator, denominator)` of `masked_sum`, both `acc_dtype`, in one pass over `x`.
+
+    XLA:CPU emits every output of a loop step as its own loop, so accumulating numerator and
+    count as two arrays reads each row twice, and a column reduction (`sum(axis=0)`) is slow.
+    Here both live in one accumulator `[num_blocks, 2, block]` (numerator at [:, 0], count at
+    [:, 1]), updated by one elementwise fusion per step of `_ROWS_PER_STEP` rows: for each
+    block the step reads the rows' `block` columns for the numerator and reads them again from
+    cache for the count. Rows are added in client order, as a scan over clients would.
+    """
+    num_clients = x.shape[0]
+    d = math.prod(x.shape[1:])
+    x = x.reshape(num_clients, d)
+    mask = None if mask is None else mask.reshape(num_clients, d)
+    block = _block_size(d)
+    main = d - d % block
+    # Segments of the columns: (start, num_blocks, block); the tail is a single short block.
+    segments = [(0, main // block, block)]
+    if main < d:
+        segments.append((main, 1, d - main))
+    is_numerator = lax.broadcasted_iota(jnp.int32, (1, 2, 1), 1) == 0
+
+    def add_row(accs, client):
+        row = lax.dynamic_index_in_dim(x, client, keepdims=False).astype(acc_dtype)
+        row_mask = w = None
+        if mask is not None:
+            row_mask = lax.dynamic_index_in_dim(mask, client, keepdims=False)
+        if weights is not None:
+            w = lax.dynamic_index_in_dim(weights, client, keepdims=False)
+        out = []
+        for acc, (start, num_blocks, length) in zip(accs, segments, strict=True):
+            shape = (num_blocks, 1, length)
+            values = row[start : start + num_blocks * length].reshape(shape)
+            contributes = jnp.isfinite(values)
+            if row_mask is None:
+                contributes &= values != 0
+            else:
+                contributes &= row_mask[start : start + num_blocks * length].reshape(shape)
+            one = jnp.ones((), acc_dtype)
+            if w is not None:
+                values, one = values * w, w
+            out.append(acc + jnp.where(contributes, jnp.where(is_numerator, values, one), 0))
+        return tuple(out)
+
+    def step(index, accs):
+        for i in range(_ROWS_PER_STEP):
+            accs = add_row(accs, index * _ROWS_PER_STEP + i)
+        return accs
+
+    accs = tuple(jnp.zeros((n, 2, length), acc_dtype) for _, n, length in segments)
+    num_steps = num_clients // _ROWS_PER_STEP
+    if num_steps:
+        accs = lax.fori_loop(0, num_steps, step, accs)
+    for client in range(num_steps * _ROWS_PER_STEP, num_clients):
+        accs = add_row(accs, client)
+    numerator = jnp.concatenate([acc[:, 0].reshape(-1) for acc in accs])
+    denominator = jnp.concatenate([acc[:, 1].reshape(-1) for acc in accs])
+    return numerator, denominator
+
+
+def _scan_sums(
+    x: jax.Array,
+    weights: jax.Array | None,
+    mask: jax.Array | None,
+    acc_dtype: Any,
+    count_dtype: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """`masked_sum` as a scan over client rows with an int32 count (for C > 2**24 clients)."""
+
     def add_client(carry, client):
         numerator, denominator = carry
         row, row_mask, w = client
@@ -74,7 +170,8 @@ def masked_sum(
             return (numerator + row, denominator + contributes.astype(count_dtype)), None
         return (numerator + w * row, denominator + jnp.where(contributes, w, 0)), None
 
-    totals, _ = lax.scan(add_client, (numerator, denominator), (x, mask, weights))
+    init = (jnp.zeros(x.shape[1:], acc_dtype), jnp.zeros(x.shape[1:], count_dtype))
+    totals, _ = lax.scan(add_client, init, (x, mask, weights))
     return totals
 
 

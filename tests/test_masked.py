@@ -105,3 +105,109 @@ def test_errors():
         fk.masked_mean(x, mask=jnp.ones((3, 5), bool))
     with pytest.raises(ValueError, match=r"x must be \[C, \.\.\.\]"):
         fk.masked_mean(jnp.float32(1.0))
+
+
+def _sequential_float32_reference(x, weights=None, mask=None):
+    """masked_sum as float32 row-by-row accumulation in client order (the kernel's order)."""
+    x = np.asarray(x, np.float32)
+    contributes = np.isfinite(x) & ((x != 0) if mask is None else np.asarray(mask))
+    numerator = np.zeros(x.shape[1:], np.float32)
+    denominator = np.zeros(x.shape[1:], np.int32 if weights is None else np.float32)
+    for c in range(x.shape[0]):
+        row = np.where(contributes[c], x[c], np.float32(0))
+        if weights is None:
+            numerator = numerator + row
+            denominator = denominator + contributes[c]
+        else:
+            w = np.float32(weights[c])
+            numerator = numerator + w * row
+            denominator = denominator + np.where(contributes[c], w, np.float32(0))
+    return numerator, denominator
+
+
+def _with_non_finite(rng, shape):
+    x = _sparse_updates(rng, shape, density=0.5)
+    flat = x.reshape(-1)
+    spots = rng.choice(flat.size, size=min(flat.size, 40), replace=False)
+    flat[spots[0::3]] = np.nan
+    flat[spots[1::3]] = np.inf
+    flat[spots[2::3]] = -np.inf
+    return x
+
+
+# C around the rows-per-step (1, 9, 10, 23), d below, at and above the block, with and without a
+# divisor of d near the block (8193 and 8209 leave a tail block; 15000 splits into 2 x 7500).
+@pytest.mark.parametrize("run", RUNNERS.values(), ids=RUNNERS.keys())
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(1, 8193), (9, 8209), (10, 15000), (23, 8192), (23, 3, 5), (2, 1), (11,)]
+)
+def test_blocked_sums_equal_client_order_float32_accumulation(run, weighted, shape):
+    rng = np.random.default_rng(sum(shape) + weighted)
+    x = _with_non_finite(rng, shape)
+    weights = rng.uniform(0, 2, size=shape[0]).astype(np.float32) if weighted else None
+    if weighted:
+        weights[0] = 0.0
+    numerator, denominator = run(fk.masked_sum, x, weights)
+    want_numerator, want_denominator = _sequential_float32_reference(x, weights)
+    assert denominator.dtype == (jnp.float32 if weighted else jnp.int32)
+    np.testing.assert_array_equal(np.asarray(denominator), want_denominator)
+    if weighted:  # w * x + acc may compile to a fused multiply-add: allow one rounding
+        np.testing.assert_allclose(np.asarray(numerator), want_numerator, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(np.asarray(numerator), want_numerator)
+    mean = run(fk.masked_mean, x, weights)
+    expected, _, _ = ref.masked_mean(np.where(np.isfinite(x), x, 0), weights)
+    np.testing.assert_allclose(np.asarray(mean), expected, rtol=2e-6, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(mean)))
+
+
+def test_explicit_mask_across_blocks_and_tail():
+    rng = np.random.default_rng(7)
+    x = _with_non_finite(rng, (13, 8209))
+    mask = rng.uniform(size=x.shape) < 0.7
+    numerator, denominator = fk.masked_sum(x, mask=mask)
+    want_numerator, want_denominator = _sequential_float32_reference(x, mask=mask)
+    np.testing.assert_array_equal(np.asarray(numerator), want_numerator)
+    np.testing.assert_array_equal(np.asarray(denominator), want_denominator)
+
+
+def test_float64_stays_float64_and_exact():
+    rng = np.random.default_rng(8)
+    x = _with_non_finite(rng, (12, 8209)).astype(np.float64)
+    x[3, :5] = 1e-300  # representable in float64 only
+    numerator, denominator = fk.masked_sum(jnp.asarray(x))
+    mean = fk.masked_mean(jnp.asarray(x))
+    if not jax.config.jax_enable_x64:
+        assert mean.dtype == jnp.float32  # x was converted to float32 on the way in
+        return
+    assert numerator.dtype == mean.dtype == jnp.float64 and denominator.dtype == jnp.int32
+    finite = np.where(np.isfinite(x), x, 0.0)
+    want = np.zeros(x.shape[1], np.float64)
+    for row in finite:
+        want = want + row
+    np.testing.assert_array_equal(np.asarray(numerator), want)
+
+
+def test_small_blocks_and_steps_agree_with_scan_fallback(monkeypatch):
+    from fedkernels import _masked
+
+    rng = np.random.default_rng(9)
+    x = _with_non_finite(rng, (13, 4, 25))
+    weights = rng.uniform(0, 2, size=13).astype(np.float32)
+    fallback = {}
+    monkeypatch.setattr(_masked, "_MAX_EXACT_FLOAT32_COUNT", 4)  # 13 clients > 4: scan path
+    for w in (None, weights):
+        fallback[w is None] = [np.asarray(v) for v in fk.masked_sum(x, w)]
+    monkeypatch.setattr(_masked, "_MAX_EXACT_FLOAT32_COUNT", 2**24)
+    monkeypatch.setattr(_masked, "_BLOCK", 16)  # d = 100: blocks of 16 (no divisor > 8) + tail 4
+    monkeypatch.setattr(_masked, "_ROWS_PER_STEP", 3)  # 4 loop steps and one remainder row
+    for w in (None, weights):
+        numerator, denominator = fk.masked_sum(x, w)
+        want_numerator, want_denominator = fallback[w is None]
+        assert denominator.dtype == want_denominator.dtype
+        np.testing.assert_array_equal(np.asarray(denominator), want_denominator)
+        np.testing.assert_allclose(np.asarray(numerator), want_numerator, rtol=1e-6, atol=1e-7)
+        got, _ = _sequential_float32_reference(x, w)
+        if w is None:
+            np.testing.assert_array_equal(np.asarray(numerator), got)
