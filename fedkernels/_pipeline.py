@@ -823,7 +823,9 @@ def compressor(
       chunk_size=None, mesh=None) -> RoundResult(mean, residuals, metrics)`, the whole round
       in one jit. `updates` is a pytree with leaves `[C, *leaf_shape]` (float32 after
       flattening), or for `round` also a function `client_ids_chunk -> such a pytree`,
-      evaluated chunk by chunk so `[C, d]` is never materialised.
+      evaluated chunk by chunk so `[C, d]` is never materialised. `round` compiles once per
+      (cohort size, chunk_size, mesh, update function): pass the same function object every
+      round. A new lambda each round is a new cache key and recompiles every round.
 
     Raises:
       ValueError: a setting out of range (named with its value), e.g. `top_k=0`,

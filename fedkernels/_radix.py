@@ -130,15 +130,17 @@ def _key_info(dtype: jnp.dtype) -> tuple[jnp.dtype, int, int, jnp.dtype]:
 
 
 SAMPLE_SIZE = 16384  # keys in the strided sample that brackets the k-th largest
-SAMPLE_SIGMAS = 4.5  # bracket half-width in binomial standard deviations
+SAMPLE_SIGMAS = 3.5  # bracket half-width in binomial standard deviations
+CAPACITY_FACTOR = 1.5  # candidate slots per expected key in the bracket
 
 
 def sample_plan(d: int, k: int) -> tuple[int, int, int, int]:
     """Static sampling plan: (sample stride, sample size, hi rank, lo rank), ranks descending.
 
     The number of sample keys above the k-th largest is about binomial(s, k/d); the bracket
-    takes 4.5 standard deviations (plus 2) on each side, so for tie-free data it misses T with
-    probability below 1e-5, and a miss only costs extra counting passes (the result is exact).
+    takes 3.5 standard deviations (plus 2) on each side, so for tie-free data it misses T with
+    probability about 5e-4 per row, and a miss only costs extra counting passes (about 20,
+    the result stays exact): cheaper on average than compacting a wider bracket every row.
     Measured: a 16384-key sample costs 0.1 ms per row of 1e6 against 0.6 ms for 65536 keys,
     and leaves about 6000 candidates for k = 1e4.
     """
@@ -154,10 +156,11 @@ def sample_plan(d: int, k: int) -> tuple[int, int, int, int]:
 
 
 def default_capacity(d: int, k: int) -> int:
-    """Static bound on compacted candidates: about 2x the expected bracket population."""
+    """Static bound on compacted candidates: 1.5x the expected bracket population (whose
+    relative spread is about 10% for k = 1e4 of 1e6), at least 4096."""
     stride, _, hi_rank, lo_rank = sample_plan(d, k)
     expected = (max(lo_rank, 0) - max(hi_rank, -1) + 2) * stride
-    return int(min(d, max(4096, 2 * expected)))
+    return int(min(d, max(4096, CAPACITY_FACTOR * expected)))
 
 
 def _bracket(
