@@ -26,12 +26,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 WORD = 32
+
+
+ROWS = "auto"  # how batched rows run: "map" (one at a time), "vmap", or "auto" (by backend)
+
+
+def map_rows(fn: Callable[..., Any], rows: tuple[jax.Array, ...]) -> Any:
+    """`fn(*row)` for each row of the arrays in `rows` (same leading size), stacked.
+
+    On CPU the rows run one at a time (`lax.map`): each row's branches (`lax.cond`, loops)
+    really branch, and its working set stays in cache; measured [20, 1e6]: 2x faster than
+    vmap. On GPU/TPU they run batched (`vmap`), which fills the device; the branches then
+    both execute (a few extra passes), which parallel hardware absorbs. `ROWS` overrides the
+    choice (the tests run both on CPU).
+    """
+    mode = ROWS
+    if mode == "auto":
+        mode = "map" if jax.default_backend() == "cpu" else "vmap"
+    if mode == "map":
+        return lax.map(lambda r: fn(*r), rows)
+    return jax.vmap(fn)(*rows)
 
 
 def _pack(mask: jax.Array) -> jax.Array:

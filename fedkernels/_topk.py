@@ -93,14 +93,12 @@ def _radix_rows(select: Any, x: jax.Array, *more: jax.Array) -> Any:
     """`select(row, *rows)` for each row of `x` `[..., d]` (and of `more`, same shape),
     leading dimensions restored.
 
-    Rows go through `lax.map`, one at a time, not `vmap`: the radix select branches per row
-    (`lax.cond`, `while_loop`), which vmap would turn into computing every branch, and one
-    row's working set stays in cache. Measured: [20, 1e6] 2x faster than vmap.
+    Rows run one at a time on CPU and batched elsewhere (`_radix.map_rows`).
     """
     if x.ndim == 1:
         return select(x, *more)
     rows = tuple(a.reshape(-1, a.shape[-1]) for a in (x, *more))
-    out = lax.map(lambda r: select(*r), rows)
+    out = _radix.map_rows(select, rows)
     return jax.tree_util.tree_map(lambda a: a.reshape(*x.shape[:-1], *a.shape[1:]), out)
 
 

@@ -85,8 +85,11 @@ def test_radix_top_k_sampled_rows_equal_reference(kind, k):
     _check_top_k(_rows(kind, (200_003,)), k)
 
 
+@pytest.mark.parametrize("rows", ["map", "vmap"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "all_equal"])
-def test_radix_top_k_batched_rows_equal_reference(kind):
+def test_radix_top_k_batched_rows_equal_reference(kind, rows, monkeypatch):
+    monkeypatch.setattr(_radix, "ROWS", rows)
+    _jitted_top_k.cache_clear()
     _check_top_k(_rows(kind, (3, 2, 70_001)), 500)
     _check_top_k(_rows(kind, (4, 50)), 10, jit=False)
 
@@ -104,8 +107,10 @@ def test_radix_equals_lax_method(kind):
     assert "auto" in fk._topk.METHODS and "radix" in fk._topk.METHODS
 
 
+@pytest.mark.parametrize("rows", ["map", "vmap"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "few_values"])
-def test_radix_feedback_matches_lax_and_conserves(kind):
+def test_radix_feedback_matches_lax_and_conserves(kind, rows, monkeypatch):
+    monkeypatch.setattr(_radix, "ROWS", rows)  # CPU default: map; GPU/TPU default: vmap
     # The radix path zeroes the selection through its bit-packed mask, one row at a time.
     x = jnp.asarray(_rows(kind, (2, 3, 3001)))
     residual = jnp.asarray(_rows("normal", (2, 3, 3001)))

@@ -27,13 +27,27 @@ KEY = jax.random.PRNGKey(0)
 EF8 = {"top_k": 25, "error_feedback": True, "bits": 8, "dense_threshold": THRESHOLD}
 
 
+def _use_selection(name, monkeypatch):
+    if name.startswith("radix"):
+        monkeypatch.setattr(fk._topk, "AUTO_RADIX_MIN_LENGTH", 1)
+    if name == "radix-vmap":  # the batched rows used on GPU/TPU, run here on CPU
+        monkeypatch.setattr(fk._radix, "ROWS", "vmap")
+    _pipeline._build.cache_clear()  # compressors are cached per config: trace afresh
+
+
 @pytest.fixture(params=["lax", "radix"])
 def selection(request, monkeypatch):
-    """Runs a test with each of the pipeline's two row selections: `lax.top_k` (rows below
+    """Runs a test with each of the pipeline's row selections: `lax.top_k` (rows below
     `AUTO_RADIX_MIN_LENGTH`, as here) and radix select with its bit-packed mask (forced)."""
-    if request.param == "radix":
-        monkeypatch.setattr(fk._topk, "AUTO_RADIX_MIN_LENGTH", 1)
-    _pipeline._build.cache_clear()  # compressors are cached per config: trace afresh
+    _use_selection(request.param, monkeypatch)
+    yield request.param
+    _pipeline._build.cache_clear()
+
+
+@pytest.fixture(params=["lax", "radix", "radix-vmap"])
+def any_selection(request, monkeypatch):
+    """As `selection`, plus radix select with the rows batched by vmap (the GPU/TPU path)."""
+    _use_selection(request.param, monkeypatch)
     yield request.param
     _pipeline._build.cache_clear()
 
@@ -170,7 +184,7 @@ def test_error_feedback_residual_equals_reference_over_rounds(selection):
     ],
     ids=["topk-8bit", "4bit", "randomk-8bit", "shared-range"],
 )
-def test_error_feedback_conservation(options, selection):
+def test_error_feedback_conservation(options, any_selection):
     """decoded(sent_c) + new_residual_c == update_c + residual_c for every client."""
     c = 3
     comp = fk.compressor(TEMPLATE, error_feedback=True, dense_threshold=THRESHOLD, **options)
@@ -248,7 +262,7 @@ def test_random_k_is_unbiased():
 # ------------------------------------------------------------------------------------------
 
 
-def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(selection):
+def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selection):
     c = 5
     updates = make_updates(c)
     updates["w"] = updates["w"].at[1, 3, 4].set(jnp.nan)
