@@ -6,6 +6,7 @@ uv, then lets uv build the environments:
   .venv         the locked TFF stack (uv.lock: Python 3.11, TFF 0.87, jax 0.4.30), all extras;
   .venv-latest  the newest jax and numpy 2 on the registry, no TensorFlow (what GPU machines
                 run), for the core tests.
+`bench` runs `python -m bench` on the locked stack, or with `--stack latest` on the newest.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def latest_python() -> Path:
     # --no-config: ignore pyproject's [tool.uv] jax override, which belongs to the TFF stack.
     call(
         uv()
-        + ["pip", "install", "--no-config", "-q", "-e", ".[test]", "jax", "numpy>=2"],
+        + ["pip", "install", "--no-config", "-q", "-e", ".[test]", "jax", "numpy>=2",
+           "matplotlib"],  # matplotlib: the bench's plots on this stack too
         env=env,
     )
     log(f"newest-jax stack ready in {time.perf_counter() - start:.0f} s")
@@ -101,7 +103,16 @@ def test(args: list[str]) -> None:
 
 
 def bench(args: list[str]) -> None:
-    python = locked_python()
+    """`python3 dev.py bench [--stack locked|latest] [bench options]`."""
+    stack = "locked"
+    if "--stack" in args:
+        i = args.index("--stack")
+        if i + 1 >= len(args) or args[i + 1] not in ("locked", "latest"):
+            raise SystemExit("--stack must be followed by 'locked' or 'latest'")
+        stack = args[i + 1]
+        args = args[:i] + args[i + 2 :]
+    python = latest_python() if stack == "latest" else locked_python()
+    versions(python)
     call([python, "-m", "bench", *args], env=base_env())
 
 
