@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from fedkernels import _validate
 
@@ -146,5 +147,28 @@ def flatten(tree: Any, batch_ndim: int = 0, dtype: Any = None) -> tuple[jax.Arra
     pieces = [
         a.reshape(*batch, math.prod(a.shape[batch_ndim:])).astype(flat_dtype) for a in arrays
     ]
-    flat = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
-    return flat, unflatten
+    if len(pieces) == 1:
+        return pieces[0], unflatten
+    return _concatenate(pieces), unflatten
+
+
+@jax.jit
+def _concatenate(pieces: list[jax.Array]) -> jax.Array:
+    """`jnp.concatenate(pieces, axis=-1)`, written as updates of one output buffer.
+
+    XLA:CPU's concatenate of many operands is slow: 100 pieces of a float32 [1, 1e7] vector
+    took 5 times as long as `np.concatenate`. Here the first piece is padded to the full length
+    (one write of the output) and every other piece is copied into place by an in-place
+    `dynamic_update_slice` (constant offsets): each byte is read once and written at most
+    twice, 9 ms against 5 ms for NumPy there. Jitted so that eager calls update in place too.
+    Under `vmap` the updates become a scatter: correct, slower.
+    """
+    d = sum(p.shape[-1] for p in pieces)
+    batch = pieces[0].shape[:-1]
+    flat = jnp.zeros((*batch, d), pieces[0].dtype)
+    offset = 0
+    for piece in pieces:
+        if piece.size:
+            flat = lax.dynamic_update_slice(flat, piece, (0,) * len(batch) + (offset,))
+        offset += piece.shape[-1]
+    return flat

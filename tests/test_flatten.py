@@ -134,3 +134,47 @@ def test_errors_name_the_argument():
         unflatten(jnp.ones(4))
     with pytest.raises(TypeError, match="flat must have dtype float32.*got int32"):
         unflatten(jnp.ones(3, jnp.int32))
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (3,), (2, 3), (0,)])
+def test_many_leaves_equal_numpy_concatenate_bitwise(batch):
+    # Many leaves of odd sizes, zero-size leaves first, in the middle and last, mixed dtypes:
+    # the flat vector is assembled by in-place updates of one buffer, so every offset counts.
+    rng = np.random.default_rng(len(batch))
+    sizes = [0, 1, 7, 0, 130, 3, 64, 1, 0, 999, 5, 2, 0]
+    leaves = []
+    for i, n in enumerate(sizes * 3):
+        shape = (*batch, n) if i % 3 else (*batch, 1, n)
+        if i % 4 == 1:
+            leaves.append(rng.integers(-(2**20), 2**20, size=shape).astype(np.int32))
+        elif i % 4 == 2:
+            leaves.append(rng.normal(size=shape).astype(np.float16))
+        else:
+            leaves.append(rng.normal(size=shape).astype(np.float32))
+    flat_size = 3 * sum(sizes)
+    expected = np.concatenate(
+        [
+            np.asarray(v, np.float32).reshape(*batch, int(np.prod(v.shape[len(batch) :])))
+            for v in leaves
+        ],
+        axis=-1,
+    )
+    eager, unflatten = fk.flatten(leaves, batch_ndim=len(batch))
+    jitted = jax.jit(lambda t: fk.flatten(t, batch_ndim=len(batch))[0])(leaves)
+    for flat in (eager, jitted):
+        assert flat.shape == (*batch, flat_size) and flat.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(flat).view(np.uint32), expected.view(np.uint32))
+    _assert_tree_equal_bitwise(unflatten(eager), leaves)
+    if batch and batch[0]:
+        vmapped = jax.vmap(lambda t: fk.flatten(t, batch_ndim=len(batch) - 1)[0])(leaves)
+        np.testing.assert_array_equal(np.asarray(vmapped), expected)
+
+
+def test_special_values_survive_bitwise():
+    values = np.array([np.nan, -0.0, np.inf, -np.inf, 1e-45, -3.4e38], np.float32)
+    nan_payload = np.array([0x7FC00001, 0xFF800001], np.uint32).view(np.float32)
+    tree = [values[:2], nan_payload, values[2:]]
+    flat, unflatten = fk.flatten(tree)
+    expected = np.concatenate([values[:2], nan_payload, values[2:]])
+    np.testing.assert_array_equal(np.asarray(flat).view(np.uint32), expected.view(np.uint32))
+    _assert_tree_equal_bitwise(unflatten(flat), tree)
