@@ -334,6 +334,49 @@ def _quantize_rows(
     return pack_bits(codes, bits), empty, empty, decoded
 
 
+def _quantize_values(
+    config: CompressorConfig, values: jax.Array, client_ids: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """values [C, k] -> (packed codes, minimum, maximum, decoded); a pass-through without bits."""
+    c = values.shape[0]
+    if config.bits is None:
+        empty = jnp.zeros((c, 0), jnp.float32)
+        return jnp.zeros((c, 0), jnp.uint32), empty, empty, values
+    return _quantize_rows(config, values, _client_keys(key, client_ids, 1))
+
+
+def _payload(
+    config: CompressorConfig,
+    layout: Layout,
+    included: jax.Array,
+    finite: jax.Array,
+    indices: jax.Array | None,
+    values: jax.Array,
+    quantized: tuple[jax.Array, jax.Array, jax.Array],
+    dense: jax.Array,
+) -> Payload:
+    """What the clients upload; excluded clients' rows are zeros (and are not counted)."""
+    c = values.shape[0]
+
+    def keep(a):
+        return jnp.where(included.reshape((c,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+
+    codes, minimum, maximum = quantized
+    packed_indices = (
+        jnp.zeros((c, 0), jnp.uint32)
+        if indices is None
+        else pack_bits(indices.astype(jnp.uint32), layout.index_bits)
+    )
+    return Payload(
+        indices=keep(packed_indices),
+        values=keep(values) if config.bits is None else jnp.zeros((c, 0), jnp.float32),
+        codes=keep(codes),
+        minimum=keep(minimum),
+        maximum=keep(maximum),
+        dense=keep(jnp.where(finite[:, None], dense, 0.0)),
+    )
+
+
 def _encode_flat(
     config: CompressorConfig,
     layout: Layout,
@@ -374,14 +417,7 @@ def _encode_flat(
         if not config.error_feedback:
             values = values * jnp.float32(d_s / k)  # unbiased: E[sent] = acc
 
-    if config.bits is None:
-        codes = jnp.zeros((c, 0), jnp.uint32)
-        minimum = maximum = jnp.zeros((c, 0), jnp.float32)
-        decoded = values
-    else:
-        codes, minimum, maximum, decoded = _quantize_rows(
-            config, values, _client_keys(key, client_ids, 1)
-        )
+    codes, minimum, maximum, decoded = _quantize_values(config, values, client_ids, key)
 
     new_residuals = None
     if config.error_feedback:
@@ -402,21 +438,8 @@ def _encode_flat(
     else:
         residual_norm = jnp.zeros((c,), jnp.float32)
 
-    def keep(a):
-        return jnp.where(included.reshape((c,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
-
-    packed_indices = (
-        jnp.zeros((c, 0), jnp.uint32)
-        if indices is None
-        else pack_bits(indices.astype(jnp.uint32), layout.index_bits)
-    )
-    payload = Payload(
-        indices=keep(packed_indices),
-        values=keep(values) if config.bits is None else jnp.zeros((c, 0), jnp.float32),
-        codes=keep(codes),
-        minimum=keep(minimum),
-        maximum=keep(maximum),
-        dense=keep(jnp.where(finite[:, None], dense, 0.0)),
+    payload = _payload(
+        config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
     )
     return payload, new_residuals, ClientReport(included, residual_norm)
 
@@ -459,14 +482,7 @@ def _encode_top_k(
     finite &= jnp.all(jnp.isfinite(dense), axis=1)
     values = jnp.where(finite[:, None], values, 0.0)  # excluded clients send zeros (dropped)
 
-    if config.bits is None:
-        codes = jnp.zeros((c, 0), jnp.uint32)
-        minimum = maximum = jnp.zeros((c, 0), jnp.float32)
-        decoded = values
-    else:
-        codes, minimum, maximum, decoded = _quantize_rows(
-            config, values, _client_keys(key, client_ids, 1)
-        )
+    codes, minimum, maximum, decoded = _quantize_values(config, values, client_ids, key)
     included = finite & jnp.all(jnp.isfinite(decoded), axis=1)
 
     new_residuals = None
@@ -495,16 +511,8 @@ def _encode_top_k(
             feedback, (sparse, old if has_residuals else zeros, words, indices, error, included)
         )
 
-    def keep(a):
-        return jnp.where(included.reshape((c,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
-
-    payload = Payload(
-        indices=keep(pack_bits(indices.astype(jnp.uint32), layout.index_bits)),
-        values=keep(values) if config.bits is None else jnp.zeros((c, 0), jnp.float32),
-        codes=keep(codes),
-        minimum=keep(minimum),
-        maximum=keep(maximum),
-        dense=keep(jnp.where(finite[:, None], dense, 0.0)),
+    payload = _payload(
+        config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
     )
     return payload, new_residuals, ClientReport(included, residual_norm)
 
