@@ -204,3 +204,96 @@ def test_non_finite_policy_under_jit_large_rows(prng):
     ok = np.isfinite(x)
     step = (np.asarray(q.maximum) - np.asarray(q.minimum))[:, None] / 255
     assert np.all(np.abs(decoded - x)[ok] <= np.broadcast_to(step, x.shape)[ok] * (1 + 1e-4))
+
+
+def _np_lowbias32(h):
+    h = h.astype(np.uint32)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
+    return h ^ (h >> np.uint32(16))
+
+
+def _np_hash_uniform(key, shape):
+    """NumPy reference of the "hash" stream as documented in `hash_uniform`."""
+    s0, s1 = (np.uint32(v) for v in np.asarray(jax.random.bits(key, (2,), jnp.uint32)))
+    n = shape[-1]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    n2 = -(-n // 32) * 16
+    t = np.arange(rows * n2, dtype=np.uint32).reshape(rows, n2)
+    with np.errstate(over="ignore"):
+        h = _np_lowbias32((t ^ s0) * np.uint32(0x9E3779B9) + s1)
+    fields = np.stack([h & np.uint32(0xFFFF), h >> np.uint32(16)], axis=-1).reshape(rows, -1)
+    u = (fields[:, :n].astype(np.float64) + 0.5) / 2**16
+    return u.reshape(shape)
+
+
+def _np_codes(x, u, bits):
+    """Reference codes, and where the comparison `u < frac` is too close to call.
+
+    XLA:CPU in newer jaxlib divides by a loop-invariant divisor through its reciprocal, so x'
+    may differ from NumPy's float32 x' by an ulp or two; within 4 ulps of x' of a rounding
+    threshold either code is accepted.
+    """
+    lo = x.min(-1, keepdims=True)
+    hi = x.max(-1, keepdims=True)
+    span = hi - lo
+    scaled = (x - lo) / np.where(span > 0, span, np.float32(1)) * np.float32(2**bits - 1)
+    lower = np.floor(scaled)
+    frac = scaled - lower
+    close = np.abs(u - frac) <= 4 * np.spacing(np.maximum(scaled, np.float32(1)))
+    close |= frac < 4 * np.spacing(np.maximum(scaled, np.float32(1)))
+    return (lower + (u < frac)).astype(np.uint32), close
+
+
+def _assert_codes(packed, want, close, bits):
+    got = np.asarray(fk.unpack_bits(jnp.asarray(packed), bits, want.shape[-1]))
+    differ = got != want
+    assert not np.any(differ & ~close), np.argwhere(differ & ~close)[:5]
+    assert np.all(np.abs(got.astype(np.int64) - want)[differ] == 1)
+    rows = close.size // close.shape[-1]
+    assert np.sum(close) <= 2 * rows + 0.1 * close.size  # the rows' min and max, and few more
+    if not np.any(differ):  # then the layout must be exactly the documented bit stream
+        np.testing.assert_array_equal(packed, _bitstream_pack_rows(want, bits))
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("shape", [(1,), (75,), (3, 64), (2, 3, 33), (1037,)])
+def test_hash_codes_match_numpy_reference_exactly(bits, shape):
+    # The fused word-by-word path (bits dividing 32) and the generic path must both produce
+    # exactly the documented stream and formula, including padding and batch rows.
+    rng = np.random.default_rng(bits * 100 + len(shape))
+    x = (rng.normal(size=shape) * 3).astype(np.float32)
+    key = jax.random.fold_in(jax.random.PRNGKey(5), bits)
+    u = _np_hash_uniform(key, shape)
+    np.testing.assert_array_equal(np.asarray(fk._quantize.hash_uniform(key, shape), np.float64), u)
+    want, close = _np_codes(x, u.astype(np.float32), bits)
+    for run in (fk.quantize, jax.jit(fk.quantize, static_argnums=2)):
+        q = run(jnp.asarray(x), key, bits)
+        _assert_codes(np.asarray(q.packed), want, close, bits)
+
+
+def _bitstream_pack_rows(codes, bits):
+    flat = codes.reshape(-1, codes.shape[-1])
+    packed = np.stack([_bitstream_pack(row, bits) for row in flat])
+    return packed.reshape(*codes.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_threefry_codes_match_numpy_reference_exactly(bits):
+    x = np.random.default_rng(9).normal(size=(2, 70)).astype(np.float32)
+    key = jax.random.PRNGKey(4)
+    u = np.asarray(jax.random.uniform(key, x.shape, jnp.float32))
+    q = fk.quantize(x, key, bits, prng="threefry")
+    _assert_codes(np.asarray(q.packed), *_np_codes(x, u, bits), bits)
+
+
+def test_hash_stream_has_no_visible_bias_per_field_position():
+    # Even (low half) and odd (high half) fields, and the four byte positions of a word, must
+    # each be uniform: the mean of U over 2**20 draws is 1/2 within 6 standard errors.
+    u = np.asarray(fk._quantize.hash_uniform(jax.random.PRNGKey(8), (1 << 20,)), np.float64)
+    se = np.sqrt(1 / 12 / (u.size / 4))
+    for phase in range(4):
+        assert abs(u[phase::4].mean() - 0.5) < 6 * se, phase
+    assert abs(np.corrcoef(u[0::2], u[1::2])[0, 1]) < 0.01
