@@ -161,8 +161,8 @@ def _quantize_cases(ctx: _common.Context, size: int) -> list[Case]:
     quantize = jax.jit(lambda a, key: fk.quantize(a, key, bits))
     case.add("fedkernels", quantize, x, key)
     case.add(
-        "fedkernels[prng=hash]",
-        jax.jit(lambda a, key: fk.quantize(a, key, bits, prng="hash")),
+        "fedkernels[prng=threefry]",
+        jax.jit(lambda a, key: fk.quantize(a, key, bits, prng="threefry")),
         x,
         key,
     )
