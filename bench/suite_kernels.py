@@ -92,6 +92,11 @@ def _masked_mean_cases(ctx: _common.Context, size: tuple[int, int]) -> list[Case
     case.add("numpy masked", numpy_masked, host)
     case.add("jax obvious", jax.jit(jax_obvious), x)
     case.add("jax X.mean(0)", jax.jit(lambda a: a.mean(0)), x)
+    # Same result as NumPy's masked mean (float32 sums in another order: a tolerance). Called
+    # eagerly, so the jitted function's first timed call still includes its compilation.
+    case.checks["matches_numpy_masked"] = bool(
+        np.allclose(np.asarray(fk.masked_mean(x)), numpy_masked(host), rtol=1e-5, atol=1e-6)
+    )
     cases.append(case)
     return cases
 
@@ -260,10 +265,13 @@ def _flatten_cases(ctx: _common.Context, size: tuple[int, int]) -> list[Case]:
     )
     flat_fn = jax.jit(lambda t: fk.flatten(t, batch_ndim=1)[0])
     case.add("fedkernels", flat_fn, tree)
-    case.add(
-        "numpy concatenate",
-        lambda t: np.concatenate([t[name] for name in sorted(t)], axis=-1),
-        tree_host,
+
+    def numpy_concatenate(t):
+        return np.concatenate([t[name] for name in sorted(t)], axis=-1)
+
+    case.add("numpy concatenate", numpy_concatenate, tree_host)
+    case.checks["equals_numpy_concatenate"] = bool(  # eager: flat_fn's compile stays timed
+        np.array_equal(np.asarray(fk.flatten(tree, batch_ndim=1)[0]), numpy_concatenate(tree_host))
     )
     case.add(
         "jax ravel_pytree (vmap)",
