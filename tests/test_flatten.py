@@ -178,3 +178,18 @@ def test_special_values_survive_bitwise():
     expected = np.concatenate([values[:2], nan_payload, values[2:]])
     np.testing.assert_array_equal(np.asarray(flat).view(np.uint32), expected.view(np.uint32))
     _assert_tree_equal_bitwise(unflatten(flat), tree)
+
+
+def test_integer_and_bool_trees_concatenate_exactly():
+    tree = {
+        "a": np.array([2**31 - 1, -(2**31), 0], np.int32),
+        "b": np.arange(4, dtype=np.int32).reshape(2, 2),
+        "c": np.array([True, False]),
+    }
+    flat, unflatten = fk.flatten(tree)
+    jitted = jax.jit(lambda t: fk.flatten(t)[0])(tree)
+    expected = np.concatenate([tree["a"], tree["b"].reshape(-1), tree["c"].astype(np.int32)])
+    for got in (flat, jitted):
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    _assert_tree_equal_bitwise(unflatten(flat), tree)
