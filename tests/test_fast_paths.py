@@ -151,9 +151,32 @@ def test_kth_largest_bisection_fallback_is_exact(kind, capacity):
         np.testing.assert_array_equal(np.asarray(idx), ref.top_k(x, k)[1])
 
 
+@pytest.mark.parametrize("mode", ["matmul", "scan"])
+def test_cumsum_modes_equal_numpy_including_total_bound(mode, monkeypatch):
+    monkeypatch.setattr(_radix, "CUMSUM", mode)
+    for n, max_value in [(1, 32), (31, 32), (33, 1), (70_001, 32), (300_000, 1)]:
+        v = RNG.integers(0, max_value + 1, n).astype(np.int32)
+        got = _radix._cumsum(jnp.asarray(v), max_value)
+        np.testing.assert_array_equal(np.asarray(got), np.cumsum(v))
+    # Large entries with a small total (the slot marks of `_compact`): the matmul levels must
+    # stay exact, since every partial sum is below 2**24.
+    n = 1_000_000
+    v = np.zeros(n, np.int32)
+    v[RNG.choice(n, 5000, replace=False)] = RNG.integers(1, 3000, 5000)
+    v[-1] = 2**24 - 1 - int(v[:-1].sum())  # partial sums up to 2**24 - 1
+    got = _radix._cumsum(jnp.asarray(v), 2**24, total=2**24 - 1)
+    np.testing.assert_array_equal(np.asarray(got), np.cumsum(v))
+
+
+def test_cumsum_auto_mode_is_a_known_mode():
+    assert _radix._cumsum_mode() in ("matmul", "scan")
+
+
+@pytest.mark.parametrize("mode", ["matmul", "scan"])
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 1.0])
 @pytest.mark.parametrize("n", [1, 33, 70_000])
-def test_pack_compact_first_bits_match_numpy(n, density):
+def test_pack_compact_first_bits_match_numpy(n, density, mode, monkeypatch):
+    monkeypatch.setattr(_radix, "CUMSUM", mode)
     mask = RNG.random(n) < density
     words = _radix._pack(jnp.asarray(mask))
     assert words.shape == (-(-n // 32),) and words.dtype == jnp.uint32
