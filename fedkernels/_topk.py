@@ -188,7 +188,6 @@ def top_k_with_feedback(
         acc = xr + rr
         words = _radix.top_k_words(acc, magnitude_key, k)
         indices = _radix._compact(words, k)
-        sent = _radix.unpack_mask(words, d)
-        return acc[indices], indices, jnp.where(sent, jnp.zeros_like(acc), acc)
+        return acc[indices], indices, _radix.select_unset(words, acc)
 
     return _radix_rows(row, x, residual)

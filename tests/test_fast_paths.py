@@ -136,6 +136,10 @@ def test_top_k_row_words_mask_equals_indices_and_reference(kind, d, k):
     assert words.shape == (-(-d // 32),) and words.dtype == jnp.uint32
     mask = np.asarray(_radix.unpack_mask(words, d))
     np.testing.assert_array_equal(np.flatnonzero(mask), np.asarray(indices))
+    # select_unset zeroes exactly the selected entries (blocked path when d % 32 == 0).
+    kept = np.asarray(jax.jit(_radix.select_unset)(words, jnp.asarray(x)))
+    want = np.where(mask, 0.0, x).astype(np.float32)
+    np.testing.assert_array_equal(kept.view(np.int32), want.view(np.int32))
 
 
 @pytest.mark.parametrize("capacity", [1, 40])
