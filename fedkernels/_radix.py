@@ -79,6 +79,30 @@ def _pack(mask: jax.Array) -> jax.Array:
     return jnp.sum(bits, axis=-1, dtype=jnp.uint32)
 
 
+def _pack2(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(_pack(a), _pack(b))` for two bool `[d]` masks, in one pass over their inputs.
+
+    XLA:CPU emits two packing reductions as two loops, each recomputing the masks from the
+    row; here one reduction of width 16 packs 16 bits of `a` in the low and 16 bits of `b`
+    in the high half of each word, and the halves are regrouped on the 16x shorter words.
+    Measured (a pass over x + r, [20, 1e6]): 0.64 against 1.2 to 1.5 ms per row.
+    """
+    d = a.shape[-1]
+    pad = -d % WORD
+    if pad:
+        a, b = jnp.pad(a, (0, pad)), jnp.pad(b, (0, pad))
+    half = WORD // 2
+    shifts = jnp.arange(half, dtype=jnp.uint32)
+    both = (a.reshape(-1, half).astype(jnp.uint32) << shifts) | (
+        b.reshape(-1, half).astype(jnp.uint32) << (shifts + jnp.uint32(half))
+    )
+    words = jnp.sum(both, axis=-1, dtype=jnp.uint32).reshape(-1, 2)
+    low = jnp.uint32(0xFFFF)
+    first = (words[:, 0] & low) | ((words[:, 1] & low) << half)
+    second = (words[:, 0] >> half) | ((words[:, 1] >> half) << half)
+    return first, second
+
+
 def _popcount(words: jax.Array) -> jax.Array:
     """Set bits per uint32 word, as int32 (SWAR bit tricks: shifts, ands, one multiply)."""
     w = words - ((words >> 1) & jnp.uint32(0x55555555))
@@ -231,8 +255,7 @@ def _bracket(
 
     # The sample's trial: one pass, two packed masks (usually the only pass needed).
     keys = key_fn(x)
-    gt_hi = _pack(keys > hi)
-    ge_lo = _pack(keys >= lo)
+    gt_hi, ge_lo = _pack2(keys > hi, keys >= lo)
     count_gt_hi, count_ge_lo = _count(gt_hi), _count(ge_lo)
 
     def from_sample():
@@ -252,8 +275,9 @@ def _bracket(
         count_gt_b = jnp.where(below, count_ge_lo, jnp.where(inside, count_gt_hi, count_gt_b))
         mid = a + (b - a) // 2  # next trial: plain bisection of the key range
         keys = key_fn(x)
-        count = _count(_pack(keys > mid))
-        count_ge = count + _count(_pack(keys == mid))
+        gt_mid, eq_mid = _pack2(keys > mid, keys == mid)
+        count = _count(gt_mid)
+        count_ge = count + _count(eq_mid)
         return a, b, count_ge_a, count_gt_b, mid, mid, count, count_ge
 
     def unfinished(state):
@@ -267,7 +291,7 @@ def _bracket(
         state = lax.while_loop(unfinished, narrow, narrow(state))
         a, b, _, count_gt_b = state[:4]
         keys = key_fn(x)
-        return _pack(keys > b), _pack((keys >= a) & (keys <= b)), count_gt_b, a
+        return (*_pack2(keys > b, (keys >= a) & (keys <= b)), count_gt_b, a)
 
     from_sample_ok = (
         (count_gt_hi < k) & (count_ge_lo >= k) & (count_ge_lo - count_gt_hi <= capacity)

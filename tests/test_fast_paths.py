@@ -187,6 +187,10 @@ def test_pack_compact_first_bits_match_numpy(n, density, mode, monkeypatch):
     unpacked = (np.asarray(words)[:, None] >> np.arange(32, dtype=np.uint32)) & 1
     np.testing.assert_array_equal(unpacked.reshape(-1)[:n].astype(bool), mask)
     np.testing.assert_array_equal(np.asarray(_radix._popcount(words)), unpacked.sum(axis=1))
+    other = RNG.random(n) < 0.5
+    first, second = _radix._pack2(jnp.asarray(mask), jnp.asarray(other))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(words))
+    np.testing.assert_array_equal(np.asarray(second), np.asarray(_radix._pack(jnp.asarray(other))))
     where = np.flatnonzero(mask)
     for size in {1, max(len(where), 1), max(len(where) // 3, 1)}:
         got = np.asarray(_radix._compact(words, size))
