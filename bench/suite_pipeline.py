@@ -6,6 +6,8 @@ Cases:
   (`compressor(...).round`, one jit for encode + decode, radix select one client row at a
   time), the same one client per scan step, and the per-client NumPy loop a Flower user writes
   (`np.argpartition`, stochastic rounding, `np.add.at`). Same data, same process.
+- `round_8bit_dense`: the work of TFF's stock round (every client's whole update quantized to
+  8 bits, then the mean), per client-parameter, to set beside `--suite tff`.
 - `chunked_round_...`: C=1000 x d=1e6 (4 GB of float32 updates if materialised) aggregated
   in chunks of clients with updates generated inside the loop, in a fresh subprocess whose
   peak resident memory (VmHWM) is reported beside an idle process's.
@@ -139,6 +141,38 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
     return records
 
 
+def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) -> dict:
+    """The work of TFF's stock `MeanFactory(EncodedSumFactory.quantize_above_threshold(8,
+    20000))` round, in fedkernels: every client's whole update quantized to 8 bits, then the
+    mean. Compared per client-parameter with the `--suite tff` figure of the stock round."""
+    rng = np.random.default_rng(0)
+    updates = ctx.put(rng.standard_normal((num_clients, d), dtype=np.float32))
+    ids = ctx.put(np.arange(num_clients, dtype=np.int32))
+    key = jax.random.PRNGKey(0)
+    template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
+    comp = fk.compressor(template, bits=8, dense_threshold=20000)
+    case = _common.case_name("round_8bit_dense", (num_clients, d), np.float32)
+    ctx.progress(f"  {case}: fedkernels")
+
+    def dense_round(u):
+        return comp.round({"w": u}, key, client_ids=ids).mean
+
+    timing = _common.time_fn(dense_round, updates, repeats=repeats)
+    size = num_clients * d
+    return {
+        "case": case,
+        "op": "round_dense",
+        "impl": "fedkernels (8 bits, no top-k)",
+        "shape": [num_clients, d],
+        "dtype": "float32",
+        "size": size,
+        "error": None,
+        "baseline": None,
+        "per_client_parameter_ns": 1e9 * timing["median"] / size,
+        **timing,
+    }
+
+
 CHUNKED_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
@@ -241,6 +275,7 @@ def run(ctx: _common.Context) -> list[dict]:
     for num_clients, d in full:
         ctx.progress(f"full round C={num_clients} d={d}")
         records.extend(_full_round(ctx, num_clients, d, repeats))
+        records.append(_dense_8bit_round(ctx, num_clients, d, repeats))
     ctx.progress(f"chunked round C={chunked[0]} d={chunked[1]}")
     records.extend(_chunked(ctx, *chunked))
     _print(ctx, records)
@@ -254,14 +289,16 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 def _print(ctx: _common.Context, records: list[dict]) -> None:
     rows = []
     for r in records:
-        if r["op"] == "round":
+        if r["op"] in ("round", "round_dense"):
+            speedup = r.get("speedup_vs_numpy")
             rows.append(
                 [
                     r["case"],
                     r["impl"],
                     _fmt(r.get("median"), 1e3, 1),
-                    _fmt(r.get("compile"), 1, 1),
-                    _fmt(r.get("speedup_vs_numpy"), 1, 2) + "x",
+                    _fmt(r.get("first"), 1, 1),
+                    "-" if speedup is None else _fmt(speedup, 1, 2) + "x",
+                    _fmt(r.get("per_client_parameter_ns"), 1, 2),
                     "-",
                 ]
             )
@@ -273,13 +310,17 @@ def _print(ctx: _common.Context, records: list[dict]) -> None:
                     _fmt(r.get("median"), 1e3, 1),
                     _fmt(r.get("first"), 1, 1),
                     "-",
+                    "-",
                     _fmt(r.get("peak_rss_bytes"), 2**-20, 0)
                     + " MiB (idle "
                     + _fmt(r.get("idle_process_rss_bytes"), 2**-20, 0)
                     + ")",
                 ]
             )
-    header = ["case", "implementation", "median ms", "first call s", "speedup vs numpy", "peak RSS"]
+    header = [
+        "case", "implementation", "median ms", "first call s", "speedup vs numpy",
+        "ns/client-param", "peak RSS",
+    ]
     print()
     print(
         f"jax {ctx.machine.get('jax')} numpy {ctx.machine.get('numpy')} on "
