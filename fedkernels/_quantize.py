@@ -169,6 +169,23 @@ def _padded_length(n: int) -> int:
     return math.ceil(n / 32) * 32
 
 
+MAX_HASH_WORDS = 1 << 32  # the hash counter is uint32: at most 2**32 words (2**33 codes)
+
+
+def _check_hash_size(shape: tuple[int, ...]) -> None:
+    """The "hash" stream numbers 32-bit words with a uint32 counter, two codes per word and
+    rows padded to a multiple of 32: past 2**32 words the counter would wrap and repeat."""
+    n = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    words = rows * (_padded_length(n) // 2)
+    if words > MAX_HASH_WORDS:
+        raise ValueError(
+            f"x of shape {tuple(shape)} needs {words} hash words, more than the 2**32 that "
+            "prng='hash' can number without repeating (about 8.6e9 elements per call): "
+            "quantize it in parts, or use prng='threefry'"
+        )
+
+
 def hash_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """The uniforms `U` of `quantize(..., prng="hash")` for an `x` of `shape`, float32.
 
@@ -181,6 +198,7 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     unbiasedness); not a cryptographic generator and not the `jax.random` stream.
     """
     shape = tuple(shape)
+    _check_hash_size(shape)
     n = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     n2 = _padded_length(n) // 2
@@ -277,7 +295,7 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     Raises:
       TypeError: `x` not floating, `bits` not an int, `key` not a PRNG key.
       ValueError: `bits` outside `[1, 16]`, `x` scalar or empty rows, non-finite concrete `x`,
-        unknown `prng`.
+        unknown `prng`, or (with "hash") more than about 8.6e9 entries in one call.
 
     >>> import jax, jax.numpy as jnp
     >>> q = quantize(jnp.array([0.0, 0.5, 1.0]), jax.random.PRNGKey(0), bits=1)
@@ -294,6 +312,8 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     key = _check_key(key)
     if prng not in PRNGS:
         raise ValueError(f"prng must be one of {PRNGS}, got {prng!r}")
+    if prng == "hash":
+        _check_hash_size(tuple(x.shape))
     if _validate.is_concrete(x) and x.size:
         host = np.asarray(x)
         if not np.all(np.isfinite(host)):

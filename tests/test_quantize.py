@@ -149,6 +149,21 @@ def test_errors():
         fk.dequantize(jnp.ones(3))
 
 
+def test_hash_stream_size_limit_is_checked_not_wrapped():
+    # Abstract shapes only (nothing is allocated): past 2**32 counter words the stream would
+    # repeat, so the call raises and names the way out.
+    key = jax.random.PRNGKey(0)
+    too_big = jax.ShapeDtypeStruct((3, 2**31), jnp.float32)  # 3 * 2**30 words: fine
+    jax.eval_shape(lambda a: fk.quantize(a, key), too_big)
+    too_big = jax.ShapeDtypeStruct((5, 2**31), jnp.float32)  # 5 * 2**30 words > 2**32
+    with pytest.raises(ValueError, match=r"more than the 2\*\*32 .*prng='threefry'"):
+        jax.eval_shape(lambda a: fk.quantize(a, key), too_big)
+    with pytest.raises(ValueError, match="hash words"):
+        fk._quantize.hash_uniform(key, (5, 2**31))
+    shape = jax.eval_shape(lambda a: fk.quantize(a, key, prng="threefry"), too_big).packed.shape
+    assert shape == (5, 2**31 // 32 * 8)
+
+
 @pytest.mark.parametrize("n", [1, 7, 100, 1023, 1024, 1025, 16 * 64 + 15, 70_001, 300_007])
 def test_finite_range_matches_numpy_with_non_finite_anywhere(n):
     from fedkernels import _quantize
