@@ -100,7 +100,7 @@ def test_errors():
     with pytest.raises(ValueError, match="weights must be finite, got inf"):
         fk.masked_mean(x, weights=jnp.array([1.0, jnp.inf, 1.0]))
     with pytest.raises(TypeError, match="mask must be boolean, got dtype float32"):
-        fk.masked_mean(x, mask=jnp.ones((3, 4)))
+        fk.masked_mean(x, mask=jnp.ones((3, 4), jnp.float32))
     with pytest.raises(ValueError, match=r"mask must have shape \(3, 4\)"):
         fk.masked_mean(x, mask=jnp.ones((3, 5), bool))
     with pytest.raises(ValueError, match=r"x must be \[C, \.\.\.\]"):

@@ -77,7 +77,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"indices must be in \[0, 9\] for d=10, got -1"):
         fk.scatter_sum(v, i.at[0, 0].set(-1), 10)
     with pytest.raises(TypeError, match="indices must have an integer dtype, got float32"):
-        fk.scatter(v, jnp.zeros((2, 3)), 10)
+        fk.scatter(v, jnp.zeros((2, 3), jnp.float32), 10)
     with pytest.raises(ValueError, match="values and indices must have the same shape"):
         fk.scatter(v, jnp.zeros((2, 4), jnp.int32), 10)
     with pytest.raises(ValueError, match=r"d must be in \[0, 2147483647\], got -3"):
