@@ -172,18 +172,20 @@ def _padded_length(n: int) -> int:
 MAX_HASH_WORDS = 1 << 32  # the hash counter is uint32: at most 2**32 words (2**33 codes)
 
 
-def _check_hash_size(shape: tuple[int, ...]) -> None:
-    """The "hash" stream numbers 32-bit words with a uint32 counter, two codes per word and
-    rows padded to a multiple of 32: past 2**32 words the counter would wrap and repeat."""
+def _hash_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(rows, n, words per row) of the "hash" stream for an `x` of `shape`: two codes per
+    32-bit word, rows padded to a multiple of 32. The words are numbered by a uint32 counter,
+    so past 2**32 of them it would wrap and repeat: that raises instead."""
     n = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    words = rows * (_padded_length(n) // 2)
-    if words > MAX_HASH_WORDS:
+    row_words = _padded_length(n) // 2
+    if rows * row_words > MAX_HASH_WORDS:
         raise ValueError(
-            f"x of shape {tuple(shape)} needs {words} hash words, more than the 2**32 that "
-            "prng='hash' can number without repeating (about 8.6e9 elements per call): "
-            "quantize it in parts, or use prng='threefry'"
+            f"x of shape {tuple(shape)} needs {rows * row_words} hash words, more than the "
+            "2**32 that prng='hash' can number without repeating (about 8.6e9 elements per "
+            "call): quantize it in parts, or use prng='threefry'"
         )
+    return rows, n, row_words
 
 
 def hash_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -198,10 +200,7 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     unbiasedness); not a cryptographic generator and not the `jax.random` stream.
     """
     shape = tuple(shape)
-    _check_hash_size(shape)
-    n = shape[-1] if shape else 1
-    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    n2 = _padded_length(n) // 2
+    rows, n, n2 = _hash_layout(shape)
     counter = lax.iota(jnp.uint32, rows * n2).reshape(rows, n2)
     words = _hash_words(_hash_seeds(key), counter)
     fields = jnp.stack([words & jnp.uint32(0xFFFF), words >> jnp.uint32(16)], axis=-1)
@@ -313,7 +312,7 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     if prng not in PRNGS:
         raise ValueError(f"prng must be one of {PRNGS}, got {prng!r}")
     if prng == "hash":
-        _check_hash_size(tuple(x.shape))
+        _hash_layout(tuple(x.shape))
     if _validate.is_concrete(x) and x.size:
         host = np.asarray(x)
         if not np.all(np.isfinite(host)):
