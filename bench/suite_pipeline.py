@@ -5,7 +5,10 @@ Cases:
   8-bit stochastic quantization, server decode and mean. Implementations: fedkernels
   (`compressor(...).round`, one jit for encode + decode, radix select one client row at a
   time), the same one client per scan step, and the per-client NumPy loop a Flower user writes
-  (`np.argpartition`, stochastic rounding, `np.add.at`). Same data, same process.
+  (`np.argpartition`, stochastic rounding, `np.add.at`). Same data, same process; on CPU
+  also the round on `fk.client_mesh()` over one host device per core
+  (`--xla_force_host_platform_device_count`), timed in a subprocess since the device count
+  is fixed when jax starts, with its mean checked against the one-device round's.
 - `round_8bit_dense`: the work of TFF's stock round (every client's whole update quantized to
   8 bits, then the mean), per client-parameter, to set beside `--suite tff`.
 - `chunked_round_...`: C=1000 x d=1e6 (4 GB of float32 updates if materialised) aggregated
@@ -16,9 +19,11 @@ Cases:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -85,8 +90,12 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
     impls.append(("fedkernels chunk_size=1", fedkernels_chunked))
 
     impls.append(("numpy per-client loop", None))
+    host_devices = _host_device_count(ctx)
+    if host_devices > 1:
+        impls.append((f"fedkernels client_mesh, {host_devices} host devices (subprocess)", "mesh"))
 
     records = []
+    mesh_mean = ctx.out_dir / "mesh_round_mean.npy"
     for impl, fn in impls:
         ctx.progress(f"  {case}: {impl}")
         try:
@@ -94,6 +103,8 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
                 timing = _common.time_fn(
                     numpy_round, host_updates, host_residuals, k, 8, 0, repeats=repeats
                 )
+            elif fn == "mesh":
+                timing = _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean)
             else:
                 timing = _common.time_fn(fn, updates, residuals, repeats=repeats)
             error = None
@@ -127,6 +138,10 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
         "payload_bytes_per_client_fedkernels": comp.layout.payload_bytes,
         "payload_bytes_per_client_numpy": k * (4 + 1) + 8,
     }
+    if mesh_mean.exists():  # the mesh round must give the same mean as the one-device round
+        mesh_diff = float(np.max(np.abs(np.load(mesh_mean) - np.asarray(mean_fk["w"]))))
+        mesh_mean.unlink()
+        check["max_abs_mean_diff_mesh_vs_one_device"] = mesh_diff
     base = next((r.get("median") for r in records if r["impl"] == "numpy per-client loop"), None)
     bound = ctx.bound_seconds(nbytes)
     for r in records:
@@ -173,6 +188,62 @@ def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: i
     }
 
 
+def _host_device_count(ctx: _common.Context) -> int:
+    """Host devices for the mesh case: one per core, on CPU only (0: no mesh case)."""
+    if ctx.device.platform != "cpu":
+        return 0
+    return min(int(ctx.machine.get("cores") or 1), 8)
+
+
+MESH_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    num_clients, d, repeats, devices = (int(a) for a in sys.argv[1:5])
+    out_npy, keep = sys.argv[5], sys.argv[6] == "1"
+    # Before jax starts its backend: one CPU device per core.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    )
+    import jax, jax.numpy as jnp, numpy as np
+    import fedkernels as fk
+    from bench import _common
+
+    if keep:
+        fk.keep_host_memory()
+    assert len(jax.devices("cpu")) == devices, jax.devices()
+    rng = np.random.default_rng(0)  # the parent's data, bit for bit
+    updates = rng.standard_normal((num_clients, d), dtype=np.float32)
+    residuals = 0.1 * rng.standard_normal((num_clients, d), dtype=np.float32)
+    template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
+    comp = fk.compressor(template, top_k=d // 100, error_feedback=True, bits=8,
+                         dense_threshold=0)
+    mesh = fk.client_mesh()
+    ids = jnp.arange(num_clients, dtype=jnp.int32)
+    key = jax.random.PRNGKey(0)
+
+    def mesh_round(u, r):
+        res = comp.round({"w": u}, key, client_ids=ids, residuals=r, mesh=mesh)
+        return res.mean, res.residuals
+
+    u, r = jnp.asarray(updates), jnp.asarray(residuals)
+    timing = _common.time_fn(mesh_round, u, r, repeats=repeats)
+    np.save(out_npy, np.asarray(mesh_round(u, r)[0]["w"]))
+    print("RESULT" + json.dumps(timing))
+    """
+)
+
+
+def _mesh_round(
+    ctx: _common.Context, num_clients: int, d: int, repeats: int, devices: int, out_npy: Any
+) -> dict:
+    """The round on a client mesh over `devices` CPU host devices, timed in a subprocess (the
+    device count is fixed when jax starts). Same data, same timing rule as the other rows."""
+    keep = "1" if ctx.machine.get("host_memory_kept") else "0"
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    args = [num_clients, d, repeats, devices, out_npy, keep]
+    return _subprocess(args, MESH_SCRIPT)
+
+
 CHUNKED_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
@@ -215,12 +286,16 @@ CHUNKED_SCRIPT = textwrap.dedent(
 )
 
 
-def _subprocess(args: list[int]) -> dict:
+def _subprocess(args: list[Any], script: str = CHUNKED_SCRIPT) -> dict:
+    repo = str(Path(__file__).resolve().parent.parent)  # so the child imports `bench`
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get(
+        "PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-c", CHUNKED_SCRIPT, *map(str, args)],
+        [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=1800,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-1500:])
