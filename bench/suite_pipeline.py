@@ -225,7 +225,9 @@ MESH_SCRIPT = textwrap.dedent(
         res = comp.round({"w": u}, key, client_ids=ids, residuals=r, mesh=mesh)
         return res.mean, res.residuals
 
-    u, r = jnp.asarray(updates), jnp.asarray(residuals)
+    # Inputs already spread over the devices, as the one-device case's are on its device.
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+    u, r = jax.device_put(updates, sharding), jax.device_put(residuals, sharding)
     timing = _common.time_fn(mesh_round, u, r, repeats=repeats)
     np.save(out_npy, np.asarray(mesh_round(u, r)[0]["w"]))
     print("RESULT" + json.dumps(timing))
