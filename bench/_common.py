@@ -50,6 +50,16 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
     }
 
 
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            line = next(ln for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
 def get_device(kind: str) -> jax.Device:
     """The first jax device of `kind` ("cpu" or "gpu"); a clear error if there is none."""
     try:

@@ -1,0 +1,44 @@
+"""The bench harness itself (no timing is asserted: speed is what `python -m bench` reports)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from bench import _common, suite_kernels
+
+
+def _ctx(tmp_path):
+    ctx = _common.Context(quick=True, device=jax.devices()[0], out_dir=tmp_path)
+    ctx.bandwidth = 1e10
+    return ctx
+
+
+def test_available_host_bytes_reads_meminfo():
+    free = _common.available_host_bytes()
+    assert free is None or free > 0
+
+
+def test_run_case_skips_an_implementation_that_would_not_fit(tmp_path, monkeypatch):
+    # Free memory is pinned at 3 GiB: the 8 GiB implementation is skipped with a message that
+    # says why, instead of being started and OOM-killed; the others still run and compare.
+    monkeypatch.setattr(_common, "available_host_bytes", lambda: 3 * 2**30)
+    x = np.arange(1000, dtype=np.float32)
+    case = suite_kernels.Case("masked_mean", (1000,), np.float32, 1000, 4000.0, "numpy sum")
+    case.add("numpy sum", np.sum, x)
+    case.add("too big", np.sum, x, temp_bytes=8 * 2**30)
+    case.add("fits", np.sum, x, temp_bytes=2**30)
+    records = {r["impl"]: r for r in suite_kernels._run_case(_ctx(tmp_path), case, repeats=5)}
+    assert records["too big"]["error"] == (
+        "MemoryError: skipped: needs about 8.0 GiB of temporaries, 3.0 GiB available"
+    )
+    assert "median" not in records["too big"] and records["too big"]["ratio_vs_numpy"] is None
+    assert records["fits"]["error"] is None and records["fits"]["median"] > 0
+    assert records["numpy sum"]["ratio_vs_numpy"] == 1.0
+
+
+def test_masked_mean_case_data_is_half_zeros_and_checked(tmp_path):
+    (case,) = suite_kernels._masked_mean_cases(_ctx(tmp_path), (4, 5000))
+    host = next(args[0] for name, _, args, _ in case.impls if name == "numpy X.mean(0)")
+    assert 0.45 < np.mean(host == 0) < 0.55
+    assert case.checks["matches_numpy_masked"] is True
