@@ -58,16 +58,28 @@ def numpy_round(updates: np.ndarray, residuals: np.ndarray, k: int, bits: int, s
     return total / num_clients, new_residuals
 
 
+def round_inputs(num_clients: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The full round's host data, (updates, residuals) float32 [C, d]: also what the mesh
+    case's subprocess builds, so both time the same numbers."""
+    rng = np.random.default_rng(0)
+    updates = rng.standard_normal((num_clients, d), dtype=np.float32)
+    residuals = 0.1 * rng.standard_normal((num_clients, d), dtype=np.float32)
+    return updates, residuals
+
+
+def round_options(d: int) -> dict:
+    """The full round's compressor: top-k 1% + error feedback + 8 bits, every leaf sparse."""
+    return {"top_k": d // 100, "error_feedback": True, "bits": 8, "dense_threshold": 0}
+
+
 def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) -> list[dict]:
     k = d // 100
-    rng = np.random.default_rng(0)
-    host_updates = rng.standard_normal((num_clients, d), dtype=np.float32)
-    host_residuals = 0.1 * rng.standard_normal((num_clients, d), dtype=np.float32)
+    host_updates, host_residuals = round_inputs(num_clients, d)
     updates, residuals = ctx.put(host_updates), ctx.put(host_residuals)
     ids = ctx.put(np.arange(num_clients, dtype=np.int32))
     key = jax.random.PRNGKey(0)
     template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
-    options = {"top_k": k, "error_feedback": True, "bits": 8, "dense_threshold": 0}
+    options = round_options(d)
     case = _common.case_name("round_topk1%_ef_8bit", (num_clients, d), np.float32)
     size = num_clients * d
     # Moved at least: updates and residuals read, new residuals written.
@@ -207,16 +219,14 @@ MESH_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     import fedkernels as fk
     from bench import _common
+    from bench.suite_pipeline import round_inputs, round_options
 
     if keep:
         fk.keep_host_memory()
     assert len(jax.devices("cpu")) == devices, jax.devices()
-    rng = np.random.default_rng(0)  # the parent's data, bit for bit
-    updates = rng.standard_normal((num_clients, d), dtype=np.float32)
-    residuals = 0.1 * rng.standard_normal((num_clients, d), dtype=np.float32)
+    updates, residuals = round_inputs(num_clients, d)  # the parent's data, bit for bit
     template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
-    comp = fk.compressor(template, top_k=d // 100, error_feedback=True, bits=8,
-                         dense_threshold=0)
+    comp = fk.compressor(template, **round_options(d))
     mesh = fk.client_mesh()
     ids = jnp.arange(num_clients, dtype=jnp.int32)
     key = jax.random.PRNGKey(0)
@@ -236,12 +246,13 @@ MESH_SCRIPT = textwrap.dedent(
 
 
 def _mesh_round(
-    ctx: _common.Context, num_clients: int, d: int, repeats: int, devices: int, out_npy: Any
+    ctx: _common.Context, num_clients: int, d: int, repeats: int, devices: int, out_npy: Path
 ) -> dict:
     """The round on a client mesh over `devices` CPU host devices, timed in a subprocess (the
     device count is fixed when jax starts). Same data, same timing rule as the other rows."""
     keep = "1" if ctx.machine.get("host_memory_kept") else "0"
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    out_npy.unlink(missing_ok=True)  # a failed run must not leave an old mean to compare
     args = [num_clients, d, repeats, devices, out_npy, keep]
     return _subprocess(args, MESH_SCRIPT)
 
