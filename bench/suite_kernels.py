@@ -347,7 +347,8 @@ def _run_case(ctx: _common.Context, case: Case, repeats: int) -> list[dict]:
     records = []
     for impl, fn, args, temp_bytes in case.impls:
         ctx.progress(f"  {case.name}: {impl}")
-        free = _common.available_host_bytes() if ctx.device.platform == "cpu" else None
+        checked = temp_bytes > 0 and ctx.device.platform == "cpu"
+        free = _common.available_host_bytes() if checked else None
         try:
             if free is not None and temp_bytes > free - 2**30:
                 # The kernel's OOM killer would end the whole run, not raise MemoryError.

@@ -37,6 +37,16 @@ def test_run_case_skips_an_implementation_that_would_not_fit(tmp_path, monkeypat
     assert records["numpy sum"]["ratio_vs_numpy"] == 1.0
 
 
+def test_run_case_does_not_skip_what_declares_no_temporaries(tmp_path, monkeypatch):
+    # Even with almost nothing free, an implementation without declared temporaries runs.
+    monkeypatch.setattr(_common, "available_host_bytes", lambda: 2**20)
+    x = np.arange(1000, dtype=np.float32)
+    case = suite_kernels.Case("masked_mean", (1000,), np.float32, 1000, 4000.0, "numpy sum")
+    case.add("numpy sum", np.sum, x)
+    (record,) = suite_kernels._run_case(_ctx(tmp_path), case, repeats=5)
+    assert record["error"] is None and record["median"] > 0
+
+
 def test_masked_mean_case_data_is_half_zeros_and_checked(tmp_path):
     (case,) = suite_kernels._masked_mean_cases(_ctx(tmp_path), (4, 5000))
     host = next(args[0] for name, _, args, _ in case.impls if name == "numpy X.mean(0)")
