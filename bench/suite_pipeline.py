@@ -11,6 +11,9 @@ Cases:
   is fixed when jax starts, with its mean checked against the one-device round's.
 - `round_8bit_dense`: the work of TFF's stock round (every client's whole update quantized to
   8 bits, then the mean), per client-parameter, to set beside `--suite tff`.
+- `residual_store_update_[N,d]`: one round's write of C=100 new residual rows into the
+  store of N=2000 clients: `fk.residual_store` (in place, donated buffer) beside the same
+  update without donation (a copy of the whole store) and NumPy's in-place assignment.
 - `chunked_round_...`: C=1000 x d=1e6 (4 GB of float32 updates if materialised) aggregated
   in chunks of clients with updates generated inside the loop, in a fresh subprocess whose
   peak resident memory (VmHWM) is reported beside an idle process's.
@@ -200,6 +203,78 @@ def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: i
     }
 
 
+def _store_update(
+    ctx: _common.Context, num_clients: int, d: int, cohort: int, repeats: int
+) -> list[dict]:
+    """One round's write into the error-feedback store: the cohort's C new residual rows into
+    the [N, d] store of all clients. fedkernels' `residual_store` (donated buffer, in place),
+    the same without donation (what the obvious `store.at[ids].set(rows)` does: a copy of the
+    whole store each round), and NumPy's in-place `store[ids] = rows`."""
+    rng = np.random.default_rng(0)
+    ids_host = rng.permutation(num_clients)[:cohort].astype(np.int32)
+    rows_host = rng.standard_normal((cohort, d), dtype=np.float32)
+    ids, rows = ctx.put(ids_host), ctx.put(rows_host)
+    case = _common.case_name("residual_store_update", (num_clients, d), np.float32)
+    # Moved at least: the C rows read and written into the store.
+    nbytes = 2 * 4 * cohort * d
+    expected = np.zeros((num_clients, d), np.float32)
+    expected[ids_host] = rows_host
+    records = []
+    for impl, donate in (("fedkernels residual_store (in place)", True),
+                         ("jax .at[ids].set, no donation (copies the store)", False),
+                         ("numpy store[ids] = rows", None)):
+        ctx.progress(f"  {case}: {impl}")
+        try:
+            if donate is None:
+                store = np.zeros((num_clients, d), np.float32)
+
+                def update(i, r, store=store):
+                    store[i] = r
+                    return store
+
+                timing = _common.time_fn(update, ids_host, rows_host, repeats=repeats)
+                final = store
+            else:
+                fk_store = fk.residual_store(num_clients, d, donate=donate)
+                cell = [jax.device_put(fk_store.init(), ctx.device)]
+
+                def update(i, r, fk_store=fk_store, cell=cell):
+                    cell[0] = fk_store.scatter(cell[0], i, r)
+                    return cell[0].residuals
+
+                timing = _common.time_fn(update, ids, rows, repeats=repeats)
+                final = np.asarray(cell[0].residuals)
+            error = None if np.array_equal(final, expected) else "wrong store contents"
+            del final
+        except Exception as err:  # reported, not fatal
+            timing, error = {}, f"{type(err).__name__}: {err}"[:300]
+            ctx.progress(f"    failed: {error}")
+        records.append(
+            {
+                "case": case,
+                "op": "store_update",
+                "impl": impl,
+                "shape": [num_clients, d],
+                "cohort": cohort,
+                "dtype": "float32",
+                "size": cohort * d,
+                "bytes": nbytes,
+                "store_bytes": 4 * num_clients * d,
+                "error": error,
+                **timing,
+            }
+        )
+    base = records[-1].get("median")
+    bound = ctx.bound_seconds(nbytes)
+    for r in records:
+        median = r.get("median")
+        r["baseline"] = records[-1]["impl"]
+        r["bound_s"] = bound
+        r["speedup_vs_numpy"] = base / median if median and base else None
+        r["pct_of_bound"] = 100 * bound / median if median and bound == bound else None
+    return records
+
+
 def _host_device_count(ctx: _common.Context) -> int:
     """Host devices for the mesh case: one per core, on CPU only (0: no mesh case)."""
     if ctx.device.platform != "cpu":
@@ -356,14 +431,18 @@ def run(ctx: _common.Context) -> list[dict]:
     if ctx.quick:
         full = [(20, 10**5)]
         chunked = (100, 10**5, [20])
+        store = (500, 10**4, 20)
     else:
         full = [(100, 10**6)]
         chunked = (1000, 10**6, [50, 200])
+        store = (2000, 10**5, 100)
     records = []
     for num_clients, d in full:
         ctx.progress(f"full round C={num_clients} d={d}")
         records.extend(_full_round(ctx, num_clients, d, repeats))
         records.append(_dense_8bit_round(ctx, num_clients, d, repeats))
+    ctx.progress(f"residual store update N={store[0]} d={store[1]} C={store[2]}")
+    records.extend(_store_update(ctx, *store, repeats))
     ctx.progress(f"chunked round C={chunked[0]} d={chunked[1]}")
     records.extend(_chunked(ctx, *chunked))
     _print(ctx, records)
@@ -377,7 +456,7 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 def _print(ctx: _common.Context, records: list[dict]) -> None:
     rows = []
     for r in records:
-        if r["op"] in ("round", "round_dense"):
+        if r["op"] in ("round", "round_dense", "store_update"):
             speedup = r.get("speedup_vs_numpy")
             rows.append(
                 [

@@ -23,7 +23,8 @@ class ResidualState(NamedTuple):
 
 
 class ResidualStore(NamedTuple):
-    """What `residual_store` returns: pure functions over a `ResidualState`."""
+    """What `residual_store` returns: functions over a `ResidualState` (`scatter` consumes
+    the state it is given unless the store was made with `donate=False`)."""
 
     init: Callable[[], ResidualState]
     gather: Callable[[ResidualState, Any], jax.Array]
@@ -57,11 +58,21 @@ def _check_ids(client_ids: Any, num_clients: int, cohort: int | None = None) -> 
     return ids.astype(jnp.int32)
 
 
-def residual_store(num_clients: int, d: int, dtype: Any = "float32") -> ResidualStore:
+def residual_store(
+    num_clients: int, d: int, dtype: Any = "float32", *, donate: bool = True
+) -> ResidualStore:
     """Error-feedback residuals for `num_clients` clients, each a vector of length `d`.
 
     Stich et al. 2018 keep one memory vector per worker; in federated learning a client's
     memory must follow its id across rounds in which it is not sampled.
+
+    By default `scatter` updates the store in place: it donates the `[N, d]` buffer of the
+    state it is given to the state it returns, so a round writes only the cohort's C rows.
+    Without donation every round copies the whole store (800 MB for N=2000, d=1e5 float32:
+    564 against 8 ms per update on jax 0.4.30, and twice the store's memory at the peak).
+    The state passed to a donating `scatter` is consumed: use the returned one, as in
+    `state = store.scatter(state, ...)`; using the old one raises `ValueError`. Pass
+    `donate=False` to keep every state valid (pure, at the cost of that copy).
 
     Args:
       num_clients: static int >= 1, N (all clients, not the cohort).
@@ -69,18 +80,21 @@ def residual_store(num_clients: int, d: int, dtype: Any = "float32") -> Residual
       dtype: "float32" (exact) or "bfloat16" (half the memory; each store rounds to nearest
         bfloat16, about 3 significant digits, so error-feedback conservation then holds only to
         that precision).
+      donate: keyword, whether `scatter` reuses (and so invalidates) the buffer of the state
+        it is given (default True; see above). Under an outer `jax.jit` nothing is donated:
+        the outer function's own `donate_argnums` decide.
 
     Returns:
       `ResidualStore(init, gather, scatter, nbytes)`:
       `init() -> ResidualState` of zeros, `[N, d]`, `nbytes = N * d * itemsize`;
       `gather(state, client_ids[C]) -> float32 [C, d]`, row c is client `client_ids[c]`'s;
       `scatter(state, client_ids[C], residuals[C, d]) -> ResidualState` with those rows
-      replaced. Both are jitted and pure.
+      replaced. Both are jitted; `gather` is pure, and so is `scatter` with `donate=False`.
 
     Raises:
       ValueError: `num_clients` < 1, `d` < 0, unknown dtype; at call time (concrete ids)
         ids out of `[0, N)` or repeated within a cohort (under `jit` duplicates keep one of
-        the rows, unspecified which).
+        the rows, unspecified which); a state already consumed by a donating `scatter`.
 
     >>> import jax.numpy as jnp
     >>> store = residual_store(5, 3)
@@ -90,6 +104,8 @@ def residual_store(num_clients: int, d: int, dtype: Any = "float32") -> Residual
     """
     num_clients = _validate.static_int("num_clients", num_clients, 1)
     d = _validate.static_int("d", d, 0)
+    if not isinstance(donate, bool):
+        raise TypeError(f"donate must be a bool, got {donate!r}")
     if not _is_dtype(dtype) or str(jnp.dtype(dtype)) not in RESIDUAL_DTYPES:
         raise ValueError(f"dtype must be one of {RESIDUAL_DTYPES}, got {dtype!r}")
     dtype = jnp.dtype(dtype)
@@ -101,20 +117,34 @@ def residual_store(num_clients: int, d: int, dtype: Any = "float32") -> Residual
     def _gather(residuals, ids):
         return jnp.take(residuals, ids, axis=0).astype(jnp.float32)
 
-    @jax.jit
-    def _scatter(residuals, ids, rows):
+    def _scatter_rows(residuals, ids, rows):
         return residuals.at[ids].set(rows.astype(dtype), mode="drop")
 
+    _scatter = jax.jit(_scatter_rows, donate_argnums=(0,) if donate else ())
+
     def gather(state: ResidualState, client_ids: Any) -> jax.Array:
+        _check_live(state)
         return _gather(state.residuals, _check_ids(client_ids, num_clients))
 
     def scatter(state: ResidualState, client_ids: Any, residuals: Any) -> ResidualState:
+        _check_live(state)
         ids = _check_ids(client_ids, num_clients)
         rows = _validate.floating("residuals", residuals)
         _validate.same_shape("residuals", rows, (ids.shape[0], d), "[C, d]")
         return ResidualState(_scatter(state.residuals, ids, rows))
 
     return ResidualStore(init, gather, scatter, residual_memory_bytes(num_clients, d, dtype))
+
+
+def _check_live(state: ResidualState) -> None:
+    residuals = state.residuals
+    if isinstance(residuals, jax.Array) and _validate.is_concrete(residuals):
+        if residuals.is_deleted():
+            raise ValueError(
+                "state was consumed by an earlier scatter, which updates the store in place: "
+                "use the state that scatter returned (state = store.scatter(state, ...)), or "
+                "make the store with donate=False to keep old states"
+            )
 
 
 def _is_dtype(dtype: Any) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from bench import _common, suite_kernels
+from bench import _common, suite_kernels, suite_pipeline
 
 
 def _ctx(tmp_path):
@@ -52,3 +52,18 @@ def test_masked_mean_case_data_is_half_zeros_and_checked(tmp_path):
     host = next(args[0] for name, _, args, _ in case.impls if name == "numpy X.mean(0)")
     assert 0.45 < np.mean(host == 0) < 0.55
     assert case.checks["matches_numpy_masked"] is True
+
+
+def test_store_update_rows_check_the_store_contents(tmp_path, monkeypatch):
+    records = suite_pipeline._store_update(_ctx(tmp_path), 50, 30, 8, repeats=5)
+    assert [r["impl"].split()[0] for r in records] == ["fedkernels", "jax", "numpy"]
+    for r in records:  # each left the same rows at the same ids as NumPy's assignment
+        assert r["error"] is None and r["median"] > 0 and r["store_bytes"] == 50 * 30 * 4
+    assert records[-1]["speedup_vs_numpy"] == 1.0
+    # A store that does not keep the rows exactly (bfloat16 rounds them) is reported, not
+    # timed as if it were right.
+    real = suite_pipeline.fk.residual_store
+    monkeypatch.setattr(suite_pipeline.fk, "residual_store",
+                        lambda n, d, donate: real(n, d, "bfloat16", donate=donate))
+    rows = suite_pipeline._store_update(_ctx(tmp_path), 50, 30, 8, repeats=5)
+    assert rows[0]["error"] == "wrong store contents"

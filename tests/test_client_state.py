@@ -48,6 +48,42 @@ def test_bad_store_arguments(call, message):
         call()
 
 
+def test_scatter_updates_in_place_and_consumes_the_old_state():
+    store = fk.residual_store(6, 4)
+    state = store.scatter(store.init(), jnp.array([3]), jnp.full((1, 4), 2.0))
+    pointer = state.residuals.unsafe_buffer_pointer()
+    new = store.scatter(state, jnp.array([0, 5]), jnp.arange(8.0).reshape(2, 4))
+    assert state.residuals.is_deleted()
+    assert new.residuals.unsafe_buffer_pointer() == pointer  # the same buffer, written in place
+    expected = np.zeros((6, 4))
+    expected[3] = 2.0
+    expected[[0, 5]] = np.arange(8.0).reshape(2, 4)
+    np.testing.assert_array_equal(store.gather(new, jnp.arange(6)), expected)
+    for call in (lambda: store.gather(state, jnp.array([0])),
+                 lambda: store.scatter(state, jnp.array([0]), jnp.zeros((1, 4)))):
+        with pytest.raises(ValueError, match="state was consumed by an earlier scatter"):
+            call()
+
+
+def test_scatter_without_donation_is_pure():
+    store = fk.residual_store(6, 4, dtype="bfloat16", donate=False)
+    state = store.scatter(store.init(), jnp.array([3]), jnp.full((1, 4), 2.0))
+    new = store.scatter(state, jnp.array([3, 1]), jnp.ones((2, 4)))
+    assert not state.residuals.is_deleted()
+    np.testing.assert_array_equal(store.gather(state, jnp.array([3, 1])), [[2.0] * 4, [0.0] * 4])
+    np.testing.assert_array_equal(store.gather(new, jnp.array([3, 1])), np.ones((2, 4)))
+
+
+def test_scatter_under_outer_jit_and_bad_donate():
+    store = fk.residual_store(4, 2)
+    state = store.init()
+    new = jax.jit(store.scatter)(state, jnp.array([2]), jnp.ones((1, 2)))
+    assert not state.residuals.is_deleted()  # the outer jit decides donation, not the store
+    np.testing.assert_array_equal(store.gather(new, jnp.arange(4))[:, 0], [0, 0, 1, 0])
+    with pytest.raises(TypeError, match="donate must be a bool, got 'yes'"):
+        fk.residual_store(4, 2, donate="yes")
+
+
 def test_bad_ids_raise():
     store = fk.residual_store(4, 2)
     state = store.init()
@@ -66,6 +102,9 @@ def test_residuals_follow_client_ids_across_shuffled_cohorts():
     template = {"w": jnp.zeros((d,))}
     comp = fk.compressor(template, top_k=k, error_feedback=True, dense_threshold=0)
     store = fk.residual_store(n, comp.layout.sparse_size)
+    # Same store without donation, for the shuffled copy: the donating scatter below
+    # consumes `state`, so the copy is written first from the still valid `state`.
+    pure_store = fk.residual_store(n, comp.layout.sparse_size, donate=False)
     state = store.init()
     reference = {i: np.zeros(d) for i in range(n)}
     rng = np.random.default_rng(0)
@@ -81,7 +120,7 @@ def test_residuals_follow_client_ids_across_shuffled_cohorts():
                               client_ids=jnp.asarray(ids[perm]),
                               residuals=store.gather(state, ids[perm]))
         np.testing.assert_allclose(shuffled.mean["w"], result.mean["w"], rtol=1e-6, atol=1e-7)
-        state_shuffled = store.scatter(state, ids[perm], shuffled.residuals)
+        state_shuffled = pure_store.scatter(state, ids[perm], shuffled.residuals)
         state = store.scatter(state, ids, result.residuals)
         np.testing.assert_array_equal(state_shuffled.residuals, state.residuals)
 
