@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 import fedkernels as fk
 from bench import _common
+from fedkernels import _quantize
 
 # op -> (baseline impl, target description, check(ratio_vs_numpy, pct_of_bound) -> bool)
 TARGETS: dict[str, tuple[str, Callable[[float, float], bool]]] = {
@@ -179,6 +180,23 @@ def _quantize_cases(ctx: _common.Context, size: int) -> list[Case]:
     )
     case.add("numpy", numpy_quantize, host)
     case.add("jax obvious (uint8, threefry)", jax.jit(jax_obvious), x, key)
+    # What bounds fedkernels: its two passes timed apart (the range must be known before the
+    # first code, so x is read twice), and the bytes of the codes pass moved with no
+    # arithmetic (float32 read, one byte per element written packed) as that pass's floor.
+    case.add("part 1/2: fedkernels range pass (min, max)", jax.jit(_quantize._finite_range), x)
+    lo, hi = (jnp.asarray(v) for v in _quantize._finite_range(x))
+    case.add(
+        "part 2/2: fedkernels codes pass, range given",
+        jax.jit(lambda a, lo, hi, key: _quantize._packed_codes(a, lo, hi, key, bits, "hash")),
+        x, lo, hi, key,
+    )
+
+    def no_arithmetic(a):
+        b = a.reshape(-1, 4).astype(jnp.int32).astype(jnp.uint32) & jnp.uint32(255)
+        return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+
+    if d % 4 == 0:
+        case.add("floor of part 2: same bytes, no arithmetic", jax.jit(no_arithmetic), x)
     cases.append(case)
 
     q = quantize(x, key)

@@ -325,6 +325,15 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     # A row with no finite entry: range [0, 0].
     minimum = jnp.where(jnp.isfinite(minimum), minimum, 0.0)
     maximum = jnp.where(jnp.isfinite(maximum), maximum, 0.0)
+    packed = _packed_codes(x, minimum, maximum, key, bits, prng)
+    return Quantized(packed, minimum, maximum, bits, x.shape[-1])
+
+
+def _packed_codes(
+    x: jax.Array, minimum: jax.Array, maximum: jax.Array, key: jax.Array, bits: int, prng: str
+) -> jax.Array:
+    """The second of `quantize`'s two passes: float32 `x [..., n]` and its finite range
+    (`[...]`, finite) to the packed codes. A pass of its own so that the bench can time it."""
     levels = jnp.float32((1 << bits) - 1)
     span = (maximum - minimum)[..., None]
     safe_span = jnp.where(span > 0, span, 1.0)
@@ -342,10 +351,8 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
         return (lower.astype(jnp.int32) + up).astype(jnp.uint32)
 
     if prng == "threefry":
-        packed = pack_bits(codes_of(x, jax.random.uniform(key, x.shape, jnp.float32)), bits)
-    else:
-        packed = _hash_codes_packed(x, codes_of, _hash_seeds(key), bits)
-    return Quantized(packed, minimum, maximum, bits, x.shape[-1])
+        return pack_bits(codes_of(x, jax.random.uniform(key, x.shape, jnp.float32)), bits)
+    return _hash_codes_packed(x, codes_of, _hash_seeds(key), bits)
 
 
 def _hash_codes_packed(x: jax.Array, codes_of: Any, seeds: jax.Array, bits: int) -> jax.Array:

@@ -67,3 +67,17 @@ def test_store_update_rows_check_the_store_contents(tmp_path, monkeypatch):
                         lambda n, d, donate: real(n, d, "bfloat16", donate=donate))
     rows = suite_pipeline._store_update(_ctx(tmp_path), 50, 30, 8, repeats=5)
     assert rows[0]["error"] == "wrong store contents"
+
+
+def test_quantize_parts_are_the_kernel_split_in_two(tmp_path):
+    # The bench times quantize's two passes apart; together they must be quantize itself.
+    quantize, _ = suite_kernels._quantize_cases(_ctx(tmp_path), 4096)
+    impls = {name: (fn, args) for name, fn, args, _ in quantize.impls}
+    fn, args = impls["fedkernels"]
+    whole = fn(*args)
+    lo, hi = impls["part 1/2: fedkernels range pass (min, max)"][0](args[0])
+    np.testing.assert_array_equal([lo, hi], [whole.minimum, whole.maximum])
+    fn, args = impls["part 2/2: fedkernels codes pass, range given"]
+    np.testing.assert_array_equal(fn(*args), whole.packed)
+    fn, args = impls["floor of part 2: same bytes, no arithmetic"]
+    assert fn(*args).nbytes == whole.packed.nbytes  # the same bytes written
