@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--device cpu|gpu] [--suite kernels|pipeline|tff|all] [--out DIR]`."""
+"""`python -m bench [--quick] [--device cpu|gpu] [--suite kernels|pipeline|tff|all] [--out DIR]
+[--only OP,...]`."""
 
 from __future__ import annotations
 
@@ -24,7 +25,22 @@ def main(argv: list[str] | None = None) -> int:
         help="keep: fedkernels.keep_host_memory() (glibc keeps freed buffers warm; applies to "
         "NumPy and JAX alike); default: glibc's defaults, large buffers mapped afresh per call",
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="kernels suite: only these ops, comma-separated (masked_mean, top_k, quantize, "
+        "scatter_sum, flatten; quantize includes dequantize, flatten unflatten)",
+    )
     args = parser.parse_args(argv)
+    only = tuple(op for op in args.only.split(",") if op)
+    if only:
+        from bench.suite_kernels import OPS
+
+        unknown = sorted(set(only) - set(OPS))
+        if unknown:
+            parser.error(f"--only: unknown op(s) {unknown}; known: {', '.join(OPS)}")
+        if args.suite != "kernels":
+            parser.error(f"--only applies to --suite kernels, got --suite {args.suite}")
 
     import fedkernels
 
@@ -33,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import _common
 
     device = _common.get_device(args.device)
-    ctx = _common.Context(quick=args.quick, device=device, out_dir=args.out)
+    ctx = _common.Context(quick=args.quick, device=device, out_dir=args.out, only=only)
     ctx.machine = _common.machine_info(device)
     ctx.machine["host_memory_kept"] = bool(kept)
     ctx.progress(f"machine: {ctx.machine}")

@@ -132,6 +132,7 @@ class Context:
     bandwidth: float = 0.0  # measured copy bandwidth on `device`, bytes read+written per s
     bandwidth_info: dict = dataclasses.field(default_factory=dict)
     machine: dict = dataclasses.field(default_factory=dict)
+    only: tuple[str, ...] = ()  # kernels suite: run only these ops (empty: all)
     _start: float = dataclasses.field(default_factory=time.perf_counter)
 
     def progress(self, msg: str) -> None:

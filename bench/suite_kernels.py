@@ -411,18 +411,23 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
+_BUILDERS = {
+    "masked_mean": _masked_mean_cases,
+    "top_k": _top_k_cases,
+    "quantize": _quantize_cases,  # and dequantize
+    "scatter_sum": _scatter_cases,
+    "flatten": _flatten_cases,  # and unflatten
+}
+OPS = tuple(_BUILDERS)  # what `--only` can pick
+
+
 def run(ctx: _common.Context) -> list[dict]:
     repeats = 5 if ctx.quick else 7
     sizes = _sizes(ctx)
-    builders = [
-        ("masked_mean", _masked_mean_cases),
-        ("top_k", _top_k_cases),
-        ("quantize", _quantize_cases),
-        ("scatter_sum", _scatter_cases),
-        ("flatten", _flatten_cases),
-    ]
     records: list[dict] = []
-    for key, build in builders:
+    for key, build in _BUILDERS.items():
+        if ctx.only and key not in ctx.only:
+            continue
         for size in sizes[key]:
             try:
                 cases = build(ctx, size)

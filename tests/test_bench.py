@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from bench import _common, suite_kernels, suite_pipeline
+from bench.__main__ import main
 
 
 def _ctx(tmp_path):
@@ -81,3 +83,18 @@ def test_quantize_parts_are_the_kernel_split_in_two(tmp_path):
     np.testing.assert_array_equal(fn(*args), whole.packed)
     fn, args = impls["floor of part 2: same bytes, no arithmetic"]
     assert fn(*args).nbytes == whole.packed.nbytes  # the same bytes written
+
+
+def test_only_runs_the_named_ops(tmp_path, monkeypatch):
+    ctx = _ctx(tmp_path)
+    ctx.only = ("flatten",)
+    monkeypatch.setattr(suite_kernels, "_sizes", lambda ctx: {op: [(1, 320)] for op in
+                                                              suite_kernels.OPS})
+    ops = {r["op"] for r in suite_kernels.run(ctx)}
+    assert ops == {"flatten", "unflatten"}
+
+
+def test_only_rejects_unknown_ops(capsys):
+    with pytest.raises(SystemExit):
+        main(["--only", "quantise"])
+    assert "unknown op(s) ['quantise']" in capsys.readouterr().err
