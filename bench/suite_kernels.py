@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 import fedkernels as fk
 from bench import _common
-from fedkernels import _quantize
+from fedkernels import _quantize, _radix, _topk
 
 # op -> (baseline impl, target description, check(ratio_vs_numpy, pct_of_bound) -> bool)
 TARGETS: dict[str, tuple[str, Callable[[float, float], bool]]] = {
@@ -132,6 +132,17 @@ def _top_k_cases(ctx: _common.Context, size: tuple[int, int]) -> list[Case]:
     # integers takes tens of seconds at this size.
     case.add("numpy argpartition", lambda a, k=k: np.argpartition(np.abs(a), -k)[-k:], host)
     case.add("jax lax.top_k", jax.jit(lambda a, k=k: lax.top_k(jnp.abs(a), k)[1]), x)
+    if d >= _topk.AUTO_RADIX_MIN_LENGTH:
+        # Where fedkernels' time goes: its three steps timed apart. The selection as a packed
+        # mask (sample, counting pass, candidates, bisection), the mask compacted to the k
+        # ascending indices, and the gather of the k values.
+        select = jax.jit(lambda a, k=k: _radix.top_k_words(a, _topk.magnitude_key, k))
+        case.add("part 1/3: fedkernels selection mask", select, x)
+        words = select(x)
+        compact = jax.jit(lambda w, k=k: _radix._compact(w, k))
+        case.add("part 2/3: fedkernels mask to k indices", compact, words)
+        case.add("part 3/3: fedkernels gather of k values", jax.jit(lambda a, i: a[i]), x,
+                 compact(words))
     # Same selected set as argpartition (random normal data: no ties at the k-th value).
     _, got = fast(x)
     want = np.argpartition(np.abs(host), -k)[-k:]

@@ -98,3 +98,17 @@ def test_only_rejects_unknown_ops(capsys):
     with pytest.raises(SystemExit):
         main(["--only", "quantise"])
     assert "unknown op(s) ['quantise']" in capsys.readouterr().err
+
+
+def test_top_k_parts_are_the_kernel_split_in_three(tmp_path):
+    d, k = 1 << 18, 300
+    (case,) = suite_kernels._top_k_cases(_ctx(tmp_path), (d, k))
+    impls = {name: (fn, args) for name, fn, args, _ in case.impls}
+    values, indices = impls["fedkernels"][0](*impls["fedkernels"][1])
+    fn, args = impls["part 1/3: fedkernels selection mask"]
+    words = fn(*args)
+    fn, args = impls["part 2/3: fedkernels mask to k indices"]
+    np.testing.assert_array_equal(fn(words), indices)
+    fn, args = impls["part 3/3: fedkernels gather of k values"]
+    np.testing.assert_array_equal(fn(*args), values)
+    assert case.checks["same_set_as_argpartition"]
