@@ -113,19 +113,17 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
     mesh_mean = ctx.out_dir / "mesh_round_mean.npy"
     for impl, fn in impls:
         ctx.progress(f"  {case}: {impl}")
-        try:
+
+        def timed(fn=fn):
             if fn is None:
-                timing = _common.time_fn(
+                return _common.time_fn(
                     numpy_round, host_updates, host_residuals, k, 8, 0, repeats=repeats
                 )
-            elif fn == "mesh":
-                timing = _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean)
-            else:
-                timing = _common.time_fn(fn, updates, residuals, repeats=repeats)
-            error = None
-        except Exception as err:  # reported, not fatal
-            timing, error = {}, f"{type(err).__name__}: {err}"[:300]
-            ctx.progress(f"    failed: {error}")
+            if fn == "mesh":
+                return _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean)
+            return _common.time_fn(fn, updates, residuals, repeats=repeats)
+
+        timing, error = _attempt(ctx, timed)
         records.append(
             {
                 "case": case,
@@ -203,6 +201,17 @@ def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: i
     }
 
 
+def _attempt(ctx: _common.Context, timed: Any) -> tuple[dict, str | None]:
+    """`(timed(), None)`, or `({}, message)` if it raised: a failing row is reported, not
+    fatal to the suite."""
+    try:
+        return timed(), None
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"[:300]
+        ctx.progress(f"    failed: {error}")
+        return {}, error
+
+
 def _store_update(
     ctx: _common.Context, num_clients: int, d: int, cohort: int, repeats: int
 ) -> list[dict]:
@@ -224,11 +233,12 @@ def _store_update(
                          ("jax .at[ids].set, no donation (copies the store)", False),
                          ("numpy store[ids] = rows", None)):
         ctx.progress(f"  {case}: {impl}")
-        try:
+
+        def timed(donate=donate):
             if donate is None:
                 store = np.zeros((num_clients, d), np.float32)
 
-                def update(i, r, store=store):
+                def update(i, r):
                     store[i] = r
                     return store
 
@@ -238,17 +248,17 @@ def _store_update(
                 fk_store = fk.residual_store(num_clients, d, donate=donate)
                 cell = [jax.device_put(fk_store.init(), ctx.device)]
 
-                def update(i, r, fk_store=fk_store, cell=cell):
+                def update(i, r):
                     cell[0] = fk_store.scatter(cell[0], i, r)
                     return cell[0].residuals
 
                 timing = _common.time_fn(update, ids, rows, repeats=repeats)
                 final = np.asarray(cell[0].residuals)
-            error = None if np.array_equal(final, expected) else "wrong store contents"
-            del final
-        except Exception as err:  # reported, not fatal
-            timing, error = {}, f"{type(err).__name__}: {err}"[:300]
-            ctx.progress(f"    failed: {error}")
+            if not np.array_equal(final, expected):
+                raise ValueError("wrong store contents")
+            return timing
+
+        timing, error = _attempt(ctx, timed)
         records.append(
             {
                 "case": case,

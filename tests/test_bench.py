@@ -68,7 +68,7 @@ def test_store_update_rows_check_the_store_contents(tmp_path, monkeypatch):
     monkeypatch.setattr(suite_pipeline.fk, "residual_store",
                         lambda n, d, donate: real(n, d, "bfloat16", donate=donate))
     rows = suite_pipeline._store_update(_ctx(tmp_path), 50, 30, 8, repeats=5)
-    assert rows[0]["error"] == "wrong store contents"
+    assert rows[0]["error"] == "ValueError: wrong store contents"
 
 
 def test_quantize_parts_are_the_kernel_split_in_two(tmp_path):
