@@ -132,15 +132,17 @@ class RoundMetrics(NamedTuple):
     contributors_touched: jax.Array  # shape=[], dtype=int32: sparse coordinates sent by >= 1
     contributors_max: jax.Array  # shape=[], dtype=int32: most clients on one coordinate
     contributors_mean: jax.Array  # shape=[], dtype=float32: mean over touched coordinates
+    residual_norm_mean: jax.Array  # shape=[], dtype=float32: over included clients (0 if none)
+    residual_norm_max: jax.Array  # shape=[], dtype=float32: over included clients (0 if none)
 
     @property
     def compression_ratio(self) -> float:
         return self.dense_bytes / self.payload_bytes if self.payload_bytes else float("inf")
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python numbers, for logs and JSON."""
-        norms = np.asarray(self.residual_norm, np.float64)
-        included = ~np.asarray(self.excluded)
+        """Plain Python numbers, for logs and JSON. Reads only the scalar fields, which every
+        process holds whole, so it also works when the cohort spans several processes
+        (`jax.distributed`); the per-client fields are then sharded like the cohort."""
         return {
             "num_clients": self.num_clients,
             "num_excluded": int(self.num_excluded),
@@ -148,8 +150,8 @@ class RoundMetrics(NamedTuple):
             "uploaded_bytes": int(self.uploaded_bytes),
             "dense_bytes_per_client": self.dense_bytes,
             "compression_ratio": self.compression_ratio,
-            "residual_norm_mean": float(norms[included].mean()) if included.any() else 0.0,
-            "residual_norm_max": float(norms[included].max()) if included.any() else 0.0,
+            "residual_norm_mean": float(self.residual_norm_mean),
+            "residual_norm_max": float(self.residual_norm_max),
             "contributors_touched": int(self.contributors_touched),
             "contributors_max": int(self.contributors_max),
             "contributors_mean": float(self.contributors_mean),
@@ -707,6 +709,9 @@ def _metric_arrays(
     """The array fields of RoundMetrics (computed under jit; padding rows are not present)."""
     excluded = present & ~report.included
     per_client = jnp.where(report.included, jnp.int32(layout.payload_bytes), 0)
+    included = present & report.included
+    num_included = jnp.sum(included.astype(jnp.int32))
+    norms = jnp.where(included, report.residual_norm, 0.0)
     touched = sums.contributors > 0
     n_touched = jnp.sum(touched.astype(jnp.int32))
     mean_contrib = jnp.where(
@@ -723,6 +728,8 @@ def _metric_arrays(
         contributors_touched=n_touched,
         contributors_max=jnp.max(sums.contributors, initial=0),
         contributors_mean=mean_contrib,
+        residual_norm_mean=jnp.sum(norms) / jnp.maximum(num_included, 1).astype(jnp.float32),
+        residual_norm_max=jnp.max(norms, initial=0.0),
     )
 
 

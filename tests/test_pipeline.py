@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -294,6 +295,25 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
         raising.round(updates, KEY, residuals=residuals)
 
 
+def test_residual_norm_metrics_are_those_of_the_new_residuals():
+    c = 5
+    updates = make_updates(c)
+    updates["w"] = updates["w"].at[1, 3, 4].set(jnp.nan)  # excluded: not in the summary
+    residuals = jnp.asarray(np.random.default_rng(5).normal(size=(c, D_SPARSE)), jnp.float32)
+    comp = fk.compressor(TEMPLATE, **EF8)
+    for chunk_size in (None, 2):
+        result = comp.round(updates, KEY, residuals=residuals, chunk_size=chunk_size)
+        norms = np.linalg.norm(np.asarray(result.residuals, np.float64), axis=1)
+        np.testing.assert_allclose(result.metrics.residual_norm, norms, rtol=1e-5)
+        kept = norms[[0, 2, 3, 4]]
+        d = result.metrics.as_dict()
+        assert d["residual_norm_mean"] == pytest.approx(kept.mean(), rel=1e-5)
+        assert d["residual_norm_max"] == pytest.approx(kept.max(), rel=1e-5)
+    d = comp.round(jax.tree_util.tree_map(lambda a: a * jnp.nan, updates), KEY,
+                   residuals=residuals).metrics.as_dict()
+    assert d["residual_norm_mean"] == 0.0 and d["residual_norm_max"] == 0.0  # none included
+
+
 def test_empty_and_all_excluded_cohorts_give_zeros():
     comp = fk.compressor(TEMPLATE, **EF8)
     empty = comp.round(make_updates(0), KEY, residuals=jnp.zeros((0, D_SPARSE)))
@@ -389,6 +409,91 @@ def test_sharded_on_four_cpu_devices_equals_unsharded():
         assert out[name]["residuals"] < 1e-6, out
         assert out[name]["num_excluded"] == 1, out
         assert out[name]["metrics"] == pytest.approx(out[name]["plain_metrics"], rel=1e-5), out
+
+
+MULTIPROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, jax
+    process_id, port = int(sys.argv[1]), sys.argv[2]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    import jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+    import fedkernels as fk
+    assert jax.process_count() == 2 and len(jax.devices()) == 2, jax.devices()
+    template = {"b": jnp.zeros((30,)), "w": jnp.zeros((40, 30))}
+    comp = fk.compressor(template, top_k=25, error_feedback=True, dense_threshold=100)
+    rng = np.random.default_rng(0)  # the same cohort in both processes
+    c = 8
+    updates = {"b": rng.normal(size=(c, 30)).astype(np.float32),
+               "w": rng.normal(size=(c, 40, 30)).astype(np.float32)}
+    updates["w"][5, 0, 0] = np.nan  # a client of process 1, excluded
+    ids = rng.permutation(40)[:c].astype(np.int32)
+    res = rng.normal(size=(c, 1200)).astype(np.float32)
+    key = jax.random.PRNGKey(3)
+    # The reference: the whole cohort in this process alone, no mesh.
+    plain = comp.round(jax.tree_util.tree_map(jnp.asarray, updates), key,
+                       client_ids=jnp.asarray(ids), residuals=jnp.asarray(res))
+    # Each process holds half of the cohort (what it would have loaded itself) and the
+    # global arrays span the devices of both processes.
+    mesh = fk.client_mesh()
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+    mine = slice(process_id * c // 2, (process_id + 1) * c // 2)
+
+    def global_array(a):
+        return jax.make_array_from_process_local_data(sharding, a[mine])
+
+    out = comp.round(jax.tree_util.tree_map(global_array, updates), key,
+                     client_ids=global_array(ids), residuals=global_array(res), mesh=mesh,
+                     chunk_size=1)
+    shards = sorted(out.residuals.addressable_shards, key=lambda s: s.index[0].start)
+    rows = np.concatenate([np.asarray(s.data) for s in shards])
+    print("RESULT" + json.dumps({
+        "mean": max(float(np.max(np.abs(np.asarray(out.mean[k]) - np.asarray(plain.mean[k]))))
+                    for k in ("w", "b")),
+        "residual_rows": float(np.max(np.abs(rows - np.asarray(plain.residuals)[mine]))),
+        "rows_held": rows.shape[0],
+        "metrics": out.metrics.as_dict(),
+        "plain_metrics": plain.metrics.as_dict(),
+    }))
+    """
+)
+
+
+def test_two_processes_with_jax_distributed_equal_one_process():
+    """The multi-host path: two processes (one CPU device each) joined by
+    `jax.distributed.initialize`, the cohort split between them, one mesh over both devices.
+    (With several CPU devices per process, jax 0.4.30's gloo set-up times out; jax 0.10 runs
+    that too. Several devices in one process are the test above.)"""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1")
+    env["JAX_PLATFORMS"] = "cpu"
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTIPROCESS_SCRIPT, str(i), str(port)], env=env, cwd=root,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-3000:]
+            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")][-1]
+            outputs.append(json.loads(line[len("RESULT"):]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for out in outputs:
+        assert out["mean"] < 1e-5, out
+        assert out["residual_rows"] < 1e-6 and out["rows_held"] == 4, out
+        assert out["metrics"]["num_excluded"] == 1, out
+        assert out["metrics"] == pytest.approx(out["plain_metrics"], rel=1e-5), out
 
 
 # ------------------------------------------------------------------------------------------
