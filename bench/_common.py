@@ -50,6 +50,17 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
     }
 
 
+def attempt(progress: Callable[[str], None], timed: Callable[[], dict]) -> tuple[dict, str | None]:
+    """`(timed(), None)`, or `({}, message)` if it raised: a failing implementation is
+    reported in its row (and through `progress`), not fatal to the suite."""
+    try:
+        return timed(), None
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"[:300]
+        progress(f"    failed: {error}")
+        return {}, error
+
+
 def available_host_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
     try:

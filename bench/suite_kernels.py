@@ -195,7 +195,7 @@ def _quantize_cases(ctx: _common.Context, size: int) -> list[Case]:
     # first code, so x is read twice), and the bytes of the codes pass moved with no
     # arithmetic (float32 read, one byte per element written packed) as that pass's floor.
     case.add("part 1/2: fedkernels range pass (min, max)", jax.jit(_quantize._finite_range), x)
-    lo, hi = (jnp.asarray(v) for v in _quantize._finite_range(x))
+    lo, hi = _quantize._finite_range(x)
     case.add(
         "part 2/2: fedkernels codes pass, range given",
         jax.jit(lambda a, lo, hi, key: _quantize._packed_codes(a, lo, hi, key, bits, "hash")),
@@ -378,18 +378,17 @@ def _run_case(ctx: _common.Context, case: Case, repeats: int) -> list[dict]:
         ctx.progress(f"  {case.name}: {impl}")
         checked = temp_bytes > 0 and ctx.device.platform == "cpu"
         free = _common.available_host_bytes() if checked else None
-        try:
+
+        def timed(fn=fn, args=args, temp_bytes=temp_bytes, free=free):
             if free is not None and temp_bytes > free - 2**30:
                 # The kernel's OOM killer would end the whole run, not raise MemoryError.
                 raise MemoryError(
                     f"skipped: needs about {temp_bytes / 2**30:.1f} GiB of temporaries, "
                     f"{free / 2**30:.1f} GiB available"
                 )
-            timing = _common.time_fn(fn, *args, repeats=repeats)
-            error = None
-        except Exception as err:  # a failing implementation is reported, not fatal
-            timing, error = {}, f"{type(err).__name__}: {err}"[:300]
-            ctx.progress(f"    failed: {error}")
+            return _common.time_fn(fn, *args, repeats=repeats)
+
+        timing, error = _common.attempt(ctx.progress, timed)
         records.append(
             {
                 "case": case.name,

@@ -123,7 +123,7 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
                 return _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean)
             return _common.time_fn(fn, updates, residuals, repeats=repeats)
 
-        timing, error = _attempt(ctx, timed)
+        timing, error = _common.attempt(ctx.progress, timed)
         records.append(
             {
                 "case": case,
@@ -155,18 +155,25 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
         mesh_diff = float(np.max(np.abs(np.load(mesh_mean) - np.asarray(mean_fk["w"]))))
         mesh_mean.unlink()
         check["max_abs_mean_diff_mesh_vs_one_device"] = mesh_diff
-    base = next((r.get("median") for r in records if r["impl"] == "numpy per-client loop"), None)
-    bound = ctx.bound_seconds(nbytes)
+    _compare(records, "numpy per-client loop", ctx.bound_seconds(nbytes))
     for r in records:
         r.update(check)
-        r["baseline"] = "numpy per-client loop"
-        r["bound_s"] = bound
         median = r.get("median")
+        r["per_client_parameter_ns"] = 1e9 * median / size if median else None
+    return records
+
+
+def _compare(records: list[dict], baseline: str, bound: float) -> None:
+    """Adds to each record its baseline's name, the bound, the ratio and speedup against the
+    baseline's median (None where either failed) and the % of bound."""
+    base = next((r.get("median") for r in records if r["impl"] == baseline), None)
+    for r in records:
+        median = r.get("median")
+        r["baseline"] = baseline
+        r["bound_s"] = bound
         r["ratio_vs_numpy"] = median / base if median and base else None
         r["speedup_vs_numpy"] = base / median if median and base else None
         r["pct_of_bound"] = 100 * bound / median if median and bound == bound else None
-        r["per_client_parameter_ns"] = 1e9 * median / size if median else None
-    return records
 
 
 def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) -> dict:
@@ -199,17 +206,6 @@ def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: i
         "per_client_parameter_ns": 1e9 * timing["median"] / size,
         **timing,
     }
-
-
-def _attempt(ctx: _common.Context, timed: Any) -> tuple[dict, str | None]:
-    """`(timed(), None)`, or `({}, message)` if it raised: a failing row is reported, not
-    fatal to the suite."""
-    try:
-        return timed(), None
-    except Exception as err:
-        error = f"{type(err).__name__}: {err}"[:300]
-        ctx.progress(f"    failed: {error}")
-        return {}, error
 
 
 def _store_update(
@@ -258,7 +254,7 @@ def _store_update(
                 raise ValueError("wrong store contents")
             return timing
 
-        timing, error = _attempt(ctx, timed)
+        timing, error = _common.attempt(ctx.progress, timed)
         records.append(
             {
                 "case": case,
@@ -274,14 +270,7 @@ def _store_update(
                 **timing,
             }
         )
-    base = records[-1].get("median")
-    bound = ctx.bound_seconds(nbytes)
-    for r in records:
-        median = r.get("median")
-        r["baseline"] = records[-1]["impl"]
-        r["bound_s"] = bound
-        r["speedup_vs_numpy"] = base / median if median and base else None
-        r["pct_of_bound"] = 100 * bound / median if median and bound == bound else None
+    _compare(records, records[-1]["impl"], ctx.bound_seconds(nbytes))
     return records
 
 

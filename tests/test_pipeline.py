@@ -357,6 +357,12 @@ def test_chunked_equals_unchunked(selection):
     np.testing.assert_allclose(generated.mean["w"], whole.mean["w"], rtol=1e-5, atol=1e-6)
 
 
+def _result(stdout: str) -> dict:
+    """The JSON a test script printed on its last `RESULT` line."""
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
 SHARDED_SCRIPT = textwrap.dedent(
     """
     import json, jax, jax.numpy as jnp, numpy as np
@@ -402,8 +408,7 @@ def test_sharded_on_four_cpu_devices_equals_unsharded():
         text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    out = json.loads(line[len("RESULT"):])
+    out = _result(proc.stdout)
     for name in ("sharded_chunked",):
         assert out[name]["mean"] < 1e-5, out
         assert out[name]["residuals"] < 1e-6, out
@@ -484,8 +489,7 @@ def test_two_processes_with_jax_distributed_equal_one_process():
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=300)
             assert proc.returncode == 0, stderr[-3000:]
-            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")][-1]
-            outputs.append(json.loads(line[len("RESULT"):]))
+            outputs.append(_result(stdout))
     finally:
         for proc in procs:
             proc.kill()
