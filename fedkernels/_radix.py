@@ -226,38 +226,69 @@ def default_capacity(d: int, k: int) -> int:
     return int(min(d, max(4096, CAPACITY_FACTOR * expected)))
 
 
-def _bracket(
-    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Splits the row around T, the k-th largest key, by counting passes over packed masks.
-
-    Returns `(above, bracket, count_above, a)`: bit-packed masks of the keys above a bound `b`
-    and of the keys in `[a, b]`, with `a <= T <= b` and `count_above < k <= count_above +
-    #bracket`. `#bracket <= capacity` unless `a == b` (then T = a, tied more than capacity
-    times). The keys are recomputed from `x` inside every pass
-    rather than stored: writing a key array the size of `x` costs more on CPU than the pass.
-    """
-    d = x.shape[-1]
-    key_dtype, key_max, key_inf, float_dtype = _key_info(jax.eval_shape(key_fn, x).dtype)
-
-    # Bracket from a strided sample. Order statistics via lax.top_k on the keys viewed as
-    # floats (clamped at +Inf so NaN payloads do not compare unordered): exact and monotone.
-    stride, size, hi_rank, lo_rank = sample_plan(d, k)
-    sample = key_fn(x[: size * stride : stride])
+def _sample_bounds(sample: jax.Array, d: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """`(lo, hi)`, a bracket around T (the k-th largest of a row's `d` keys) from the keys of
+    the row's strided sample (`sample_plan`), by order statistics of the sample: `lo` the
+    key of rank `lo_rank`, `hi` of rank `hi_rank` (key max / 0 beyond the sample)."""
+    key_dtype, key_max, key_inf, float_dtype = _key_info(sample.dtype)
+    _, size, hi_rank, lo_rank = sample_plan(d, k)
+    # Order statistics via lax.top_k on the keys viewed as floats (clamped at +Inf so NaN
+    # payloads do not compare unordered): exact and monotone.
     as_float = lax.bitcast_convert_type(
         jnp.minimum(sample, jnp.asarray(key_inf, key_dtype)), float_dtype
     )
     top = min(max(lo_rank, hi_rank) + 1, size)
     ordered = lax.bitcast_convert_type(lax.top_k(as_float, max(top, 1))[0], key_dtype)
-    hi = ordered[hi_rank] if 0 <= hi_rank < size else jnp.asarray(key_max, key_dtype)
-    lo = ordered[lo_rank] if 0 <= lo_rank < size else jnp.asarray(0, key_dtype)
-    if stride == 1 and lo_rank < size:
+    hi = ordered[..., hi_rank] if 0 <= hi_rank < size else jnp.full(
+        sample.shape[:-1], key_max, key_dtype)
+    lo = ordered[..., lo_rank] if 0 <= lo_rank < size else jnp.zeros(sample.shape[:-1], key_dtype)
+    if size == d and lo_rank < size:
         hi = lo  # the exact T of an unsampled row; the key may still be a clamped NaN
+    return lo, hi
 
-    # The sample's trial: one pass, two packed masks (usually the only pass needed).
-    keys = key_fn(x)
-    gt_hi, ge_lo = _pack2(keys > hi, keys >= lo)
+
+def _sample(x: jax.Array, k: int) -> jax.Array:
+    """The strided sample of `sample_plan` along the last axis of `x`."""
+    stride, size, _, _ = sample_plan(x.shape[-1], k)
+    return x[..., : size * stride : stride]
+
+
+def _trial(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The sample's trial, one pass over a row's keys: packed masks `key > hi`, `key >= lo`."""
+    return _pack2(keys > hi, keys >= lo)
+
+
+def _trial_ok(
+    gt_hi: jax.Array, ge_lo: jax.Array, k: int, capacity: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(T bracketed by at most `capacity` keys, #(key > hi), #(key >= lo)) of a trial."""
     count_gt_hi, count_ge_lo = _count(gt_hi), _count(ge_lo)
+    ok = (count_gt_hi < k) & (count_ge_lo >= k) & (count_ge_lo - count_gt_hi <= capacity)
+    return ok, count_gt_hi, count_ge_lo
+
+
+def _resolve(
+    trial: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    row: Callable[[], jax.Array],
+    key_fn: Callable[[jax.Array], jax.Array],
+    k: int,
+    capacity: int,
+    d: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Splits the row around T, the k-th largest key, from the sample's trial.
+
+    `trial` is `(gt_hi, ge_lo, lo, hi)` (`_trial`); `row()` gives the row `x` and is only
+    evaluated when the trial failed (a fallback that reads the row again).
+    Returns `(above, bracket, count_above, a)`: bit-packed masks of the keys above a bound `b`
+    and of the keys in `[a, b]`, with `a <= T <= b` and `count_above < k <= count_above +
+    #bracket`. `#bracket <= capacity` unless `a == b` (then T = a, tied more than capacity
+    times). The keys are recomputed from `x` inside every pass rather than stored: writing a
+    key array the size of `x` costs more on CPU than the pass.
+    """
+    gt_hi, ge_lo, lo, hi = trial
+    key_dtype = lo.dtype
+    key_max = _key_info(key_dtype)[1]
+    from_sample_ok, count_gt_hi, count_ge_lo = _trial_ok(gt_hi, ge_lo, k, capacity)
 
     def from_sample():
         return gt_hi, ge_lo & ~gt_hi, count_gt_hi, lo
@@ -265,27 +296,33 @@ def _bracket(
     # Otherwise narrow [a, b] by bisection of the key range, one counting pass per step
     # (radix select), until T is bracketed by at most `capacity` keys. Always ends; exact.
     # Invariant: T in [a, b]; count_ge_a = #(keys >= a) >= k; count_gt_b = #(keys > b) < k.
-    def narrow(state):
-        a, b, count_ge_a, count_gt_b, lo, hi, count_gt_hi, count_ge_lo = state
-        above = count_gt_hi >= k  # T > hi
-        below = count_ge_lo < k  # T < lo
-        inside = ~above & ~below
-        a = jnp.where(above, hi + 1, jnp.where(inside, lo, a))
-        count_ge_a = jnp.where(above, count_gt_hi, jnp.where(inside, count_ge_lo, count_ge_a))
-        b = jnp.where(below, lo - 1, jnp.where(inside, hi, b))
-        count_gt_b = jnp.where(below, count_ge_lo, jnp.where(inside, count_gt_hi, count_gt_b))
-        mid = a + (b - a) // 2  # next trial: plain bisection of the key range
-        keys = key_fn(x)
-        gt_mid, eq_mid = _pack2(keys > mid, keys == mid)
-        count = _count(gt_mid)
-        count_ge = count + _count(eq_mid)
-        return a, b, count_ge_a, count_gt_b, mid, mid, count, count_ge
-
-    def unfinished(state):
-        a, b, count_ge_a, count_gt_b = state[:4]
-        return (a < b) & (count_ge_a - count_gt_b > capacity)
-
     def by_bisection():
+        x = row()
+
+        def narrow(state):
+            a, b, count_ge_a, count_gt_b, lo, hi, count_gt_hi, count_ge_lo = state
+            above = count_gt_hi >= k  # T > hi
+            below = count_ge_lo < k  # T < lo
+            inside = ~above & ~below
+            a = jnp.where(above, hi + 1, jnp.where(inside, lo, a))
+            count_ge_a = jnp.where(
+                above, count_gt_hi, jnp.where(inside, count_ge_lo, count_ge_a)
+            )
+            b = jnp.where(below, lo - 1, jnp.where(inside, hi, b))
+            count_gt_b = jnp.where(
+                below, count_ge_lo, jnp.where(inside, count_gt_hi, count_gt_b)
+            )
+            mid = a + (b - a) // 2  # next trial: plain bisection of the key range
+            keys = key_fn(x)
+            gt_mid, eq_mid = _pack2(keys > mid, keys == mid)
+            count = _count(gt_mid)
+            count_ge = count + _count(eq_mid)
+            return a, b, count_ge_a, count_gt_b, mid, mid, count, count_ge
+
+        def unfinished(state):
+            a, b, count_ge_a, count_gt_b = state[:4]
+            return (a < b) & (count_ge_a - count_gt_b > capacity)
+
         zero = jnp.asarray(0, key_dtype)
         state = (zero, jnp.asarray(key_max, key_dtype), jnp.int32(d), jnp.int32(0), lo, hi,
                  count_gt_hi, count_ge_lo)
@@ -294,24 +331,35 @@ def _bracket(
         keys = key_fn(x)
         return (*_pack2(keys > b, (keys >= a) & (keys <= b)), count_gt_b, a)
 
-    from_sample_ok = (
-        (count_gt_hi < k) & (count_ge_lo >= k) & (count_ge_lo - count_gt_hi <= capacity)
-    )
     return lax.cond(from_sample_ok, from_sample, by_bisection)
 
 
-def _candidates(
-    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(above, bracket, candidate positions, candidate keys (-1 in unused slots), T, rank of T
-    among the bracket). When the bracket overflows `capacity` it holds only keys equal to T."""
+def _bracket(
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`_resolve` for one row `x` `[d]`: bracket from a strided sample, then one pass (the
+    trial, usually the only pass needed), then the fallback if the trial failed."""
     d = x.shape[-1]
-    capacity = default_capacity(d, k) if capacity is None else max(1, min(capacity, d))
-    above, bracket, count_above, a = _bracket(x, key_fn, k, capacity)
-    key_dtype = jax.eval_shape(key_fn, x).dtype
+    lo, hi = _sample_bounds(key_fn(_sample(x, k)), d, k)
+    gt_hi, ge_lo = _trial(key_fn(x), lo, hi)
+    return _resolve((gt_hi, ge_lo, lo, hi), lambda: x, key_fn, k, capacity, d)
+
+
+def _candidates_from(
+    bracketed: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    take: Callable[[jax.Array], jax.Array],
+    key_fn: Callable[[jax.Array], jax.Array],
+    k: int,
+    capacity: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(above, bracket, candidate positions, candidate keys (-1 in unused slots), T, rank of T
+    among the bracket) from `_resolve`'s split; `take(positions)` gathers the row's entries.
+    When the bracket overflows `capacity` it holds only keys equal to T."""
+    above, bracket, count_above, a = bracketed
+    key_dtype = a.dtype
     positions = _compact(bracket, capacity)
     valid = jnp.arange(capacity) < _count(bracket)
-    keys = jnp.where(valid, key_fn(x[positions]), jnp.asarray(-1, key_dtype))
+    keys = jnp.where(valid, key_fn(take(positions)), jnp.asarray(-1, key_dtype))
     rank = k - count_above  # T is the rank-th largest candidate, 1 <= rank <= #candidates
 
     # Bisection on the few candidates, from their own range; packed counts (module docstring).
@@ -328,6 +376,19 @@ def _candidates(
     threshold, _ = lax.while_loop(lambda b: b[0] < b[1], bisect, (low, high))
     threshold = jnp.where(overflow, a, threshold)
     return above, bracket, positions, keys, threshold, rank
+
+
+def _candidates(
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`_candidates_from` for one row `x` `[d]`."""
+    d = x.shape[-1]
+    capacity = _capacity(d, k, capacity)
+    return _candidates_from(_bracket(x, key_fn, k, capacity), lambda p: x[p], key_fn, k, capacity)
+
+
+def _capacity(d: int, k: int, capacity: int | None) -> int:
+    return default_capacity(d, k) if capacity is None else max(1, min(capacity, d))
 
 
 def kth_largest(
@@ -347,7 +408,14 @@ def top_k_words(
     around T, ascending positions) that are above T, and the first `rank - #(above T)` of
     those equal to T, are added by a scatter of their bits, without another pass over `x`.
     """
-    above, bracket, positions, keys, threshold, rank = _candidates(x, key_fn, k, capacity)
+    return _words_from(_candidates(x, key_fn, k, capacity))
+
+
+def _words_from(
+    candidates: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+) -> jax.Array:
+    """`top_k_words`' mask from `_candidates_from`'s result."""
+    above, bracket, positions, keys, threshold, rank = candidates
 
     def from_candidates():
         over = keys > threshold
@@ -364,6 +432,43 @@ def top_k_words(
         return above | _first_bits(bracket, rank)
 
     return lax.cond(_count(bracket) > keys.shape[0], many_ties, from_candidates)
+
+
+def top_k_rows(
+    rows: tuple[jax.Array, ...],
+    combine: Callable[..., jax.Array],
+    key_fn: Callable[[jax.Array], jax.Array],
+    k: int,
+    capacity: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`top_k_words` and its indices for each row of `x = combine(*rows)` (`rows`: arrays
+    `[C, d]`, `combine` elementwise, e.g. `x + residual`), `x` never materialised:
+    `(words uint32 [C, ceil(d / 32)], indices int32 [C, k] ascending)`.
+
+    The passes over `[C, d]` (the sample and the trial's two masks) run over the whole
+    batch at once; only the per-row work on the short words and candidates runs row by row
+    (`map_rows`), with the fallback bisection reading its row from `rows` only for a row
+    whose trial failed. On CPU a pass over the whole batch runs on every core at full
+    bandwidth, while the same pass inside a loop over rows runs at about a third of it
+    (jax 0.4.30, 2 cores, [100, 1e6]: 0.52 against 1.4 ms per row).
+    """
+    c, d = rows[0].shape
+    capacity = _capacity(d, k, capacity)
+    lo, hi = _sample_bounds(key_fn(combine(*(_sample(a, k) for a in rows))), d, k)
+    gt_hi, ge_lo = jax.vmap(_trial)(key_fn(combine(*rows)), lo, hi)
+
+    def one(gt, ge, lo_i, hi_i, i):
+        def row():
+            return combine(*(lax.dynamic_index_in_dim(a, i, keepdims=False) for a in rows))
+
+        def take(positions):
+            return combine(*(a[i, positions] for a in rows))
+
+        bracketed = _resolve((gt, ge, lo_i, hi_i), row, key_fn, k, capacity, d)
+        words = _words_from(_candidates_from(bracketed, take, key_fn, k, capacity))
+        return words, _compact(words, k)
+
+    return map_rows(one, (gt_hi, ge_lo, lo, hi, jnp.arange(c, dtype=jnp.int32)))
 
 
 def unpack_mask(words: jax.Array, d: int) -> jax.Array:

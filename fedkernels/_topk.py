@@ -89,6 +89,19 @@ def top_k_row_words(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return lax.bitcast_convert_type(words, jnp.uint32), indices
 
 
+def top_k_rows_words(
+    rows: tuple[jax.Array, ...], combine: Any, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """`top_k_row_words` for each row of `combine(*rows)` (arrays `[C, d]`, `combine`
+    elementwise): `(words uint32 [C, ceil(d/32)], indices int32 [C, k])`, the sum (or other
+    combination) never stored. Radix select's passes run over the whole batch
+    (`_radix.top_k_rows`)."""
+    d = rows[0].shape[-1]
+    if d >= AUTO_RADIX_MIN_LENGTH:
+        return _radix.top_k_rows(rows, combine, magnitude_key, k)
+    return _radix.map_rows(lambda *r: top_k_row_words(combine(*r), k), rows)
+
+
 def _radix_rows(select: Any, x: jax.Array, *more: jax.Array) -> Any:
     """`select(row, *rows)` for each row of `x` `[..., d]` (and of `more`, same shape),
     leading dimensions restored.
