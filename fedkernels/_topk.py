@@ -67,7 +67,11 @@ def _top_k_indices(x: jax.Array, k: int, method: str) -> jax.Array:
         _, indices = lax.top_k(float_keys, k)
         return jnp.sort(indices, axis=-1)
     # "auto" and "radix": exact threshold search on the keys (fedkernels/_radix.py).
-    return _radix_rows(lambda row: _radix.top_k_indices_radix(row, magnitude_key, k), x)
+    if x.ndim == 1:
+        return _radix.top_k_indices_radix(x, magnitude_key, k)
+    rows = x.reshape(-1, x.shape[-1])
+    _, indices = _radix.top_k_rows((rows,), lambda a: a, magnitude_key, k)
+    return indices.reshape(*x.shape[:-1], k)
 
 
 def top_k_row_words(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -100,19 +104,6 @@ def top_k_rows_words(
     if d >= AUTO_RADIX_MIN_LENGTH:
         return _radix.top_k_rows(rows, combine, magnitude_key, k)
     return _radix.map_rows(lambda *r: top_k_row_words(combine(*r), k), rows)
-
-
-def _radix_rows(select: Any, x: jax.Array, *more: jax.Array) -> Any:
-    """`select(row, *rows)` for each row of `x` `[..., d]` (and of `more`, same shape),
-    leading dimensions restored.
-
-    Rows run one at a time on CPU and batched elsewhere (`_radix.map_rows`).
-    """
-    if x.ndim == 1:
-        return select(x, *more)
-    rows = tuple(a.reshape(-1, a.shape[-1]) for a in (x, *more))
-    out = _radix.map_rows(select, rows)
-    return jax.tree_util.tree_map(lambda a: a.reshape(*x.shape[:-1], *a.shape[1:]), out)
 
 
 def top_k(x: Any, k: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array]:
@@ -195,12 +186,16 @@ def top_k_with_feedback(
         sent = scatter(jnp.ones(indices.shape, jnp.int32), indices, d) > 0
         return values, indices, jnp.where(sent, jnp.zeros_like(acc), acc)
 
-    # Radix select, one row at a time: the selection's bit-packed mask gives the residual in
-    # one elementwise pass (no scatter into [d]); acc is recomputed in each pass, not stored.
-    def row(xr, rr):
-        acc = xr + rr
+    # Radix select: the selection's bit-packed mask gives the residual in one elementwise
+    # pass (no scatter into [d]); acc is recomputed in each pass, not stored.
+    if x.ndim == 1:
+        acc = x + residual
         words = _radix.top_k_words(acc, magnitude_key, k)
         indices = _radix._compact(words, k)
         return acc[indices], indices, _radix.select_unset(words, acc)
-
-    return _radix_rows(row, x, residual)
+    lead = x.shape[:-1]
+    rows = (x.reshape(-1, d), residual.reshape(-1, d))
+    words, indices = _radix.top_k_rows(rows, jnp.add, magnitude_key, k)
+    values = jnp.take_along_axis(rows[0], indices, -1) + jnp.take_along_axis(rows[1], indices, -1)
+    new_residual = jax.vmap(_radix.select_unset)(words, rows[0] + rows[1])
+    return values.reshape(*lead, k), indices.reshape(*lead, k), new_residual.reshape(x.shape)
