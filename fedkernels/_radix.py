@@ -61,12 +61,16 @@ def map_rows(fn: Callable[..., Any], rows: tuple[jax.Array, ...]) -> Any:
     both execute (a few extra passes), which parallel hardware absorbs. `ROWS` overrides the
     choice (the tests run both on CPU).
     """
-    mode = ROWS
-    if mode == "auto":
-        mode = "map" if jax.default_backend() == "cpu" else "vmap"
-    if mode == "map":
+    if rows_mode() == "map":
         return lax.map(lambda r: fn(*r), rows)
     return jax.vmap(fn)(*rows)
+
+
+def rows_mode() -> str:
+    """How `map_rows` runs rows: "map" or "vmap" (`ROWS`, or by backend when "auto")."""
+    if ROWS == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return ROWS
 
 
 def _pack(mask: jax.Array) -> jax.Array:
@@ -274,11 +278,13 @@ def _resolve(
     k: int,
     capacity: int,
     d: int,
+    fallback: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Splits the row around T, the k-th largest key, from the sample's trial.
 
     `trial` is `(gt_hi, ge_lo, lo, hi)` (`_trial`); `row()` gives the row `x` and is only
-    evaluated when the trial failed (a fallback that reads the row again).
+    evaluated when the trial failed (a fallback that reads the row again). With
+    `fallback=False` the caller has checked that the trial succeeded (`_trial_ok`).
     Returns `(above, bracket, count_above, a)`: bit-packed masks of the keys above a bound `b`
     and of the keys in `[a, b]`, with `a <= T <= b` and `count_above < k <= count_above +
     #bracket`. `#bracket <= capacity` unless `a == b` (then T = a, tied more than capacity
@@ -292,6 +298,9 @@ def _resolve(
 
     def from_sample():
         return gt_hi, ge_lo & ~gt_hi, count_gt_hi, lo
+
+    if not fallback:
+        return from_sample()
 
     # Otherwise narrow [a, b] by bisection of the key range, one counting pass per step
     # (radix select), until T is bracketed by at most `capacity` keys. Always ends; exact.
@@ -457,18 +466,27 @@ def top_k_rows(
     lo, hi = _sample_bounds(key_fn(combine(*(_sample(a, k) for a in rows))), d, k)
     gt_hi, ge_lo = jax.vmap(_trial)(key_fn(combine(*rows)), lo, hi)
 
-    def one(gt, ge, lo_i, hi_i, i):
-        def row():
-            return combine(*(lax.dynamic_index_in_dim(a, i, keepdims=False) for a in rows))
+    def select(fallback):
+        def one(gt, ge, lo_i, hi_i, i):
+            def row():
+                return combine(*(lax.dynamic_index_in_dim(a, i, keepdims=False) for a in rows))
 
-        def take(positions):
-            return combine(*(a[i, positions] for a in rows))
+            def take(positions):
+                return combine(*(a[i, positions] for a in rows))
 
-        bracketed = _resolve((gt, ge, lo_i, hi_i), row, key_fn, k, capacity, d)
-        words = _words_from(_candidates_from(bracketed, take, key_fn, k, capacity))
-        return words, _compact(words, k)
+            bracketed = _resolve((gt, ge, lo_i, hi_i), row, key_fn, k, capacity, d, fallback)
+            words = _words_from(_candidates_from(bracketed, take, key_fn, k, capacity))
+            return words, _compact(words, k)
 
-    return map_rows(one, (gt_hi, ge_lo, lo, hi, jnp.arange(c, dtype=jnp.int32)))
+        return map_rows(one, (gt_hi, ge_lo, lo, hi, jnp.arange(c, dtype=jnp.int32)))
+
+    if rows_mode() == "map":
+        return select(True)  # each row branches on its own trial
+    # Batched rows: a per-row `lax.cond` becomes a select that runs both branches, so the
+    # fallback (a gather of the whole rows, then bisection passes) would run every time;
+    # branch once for the batch instead, on whether every row's trial succeeded.
+    ok = jax.vmap(lambda g, e: _trial_ok(g, e, k, capacity)[0])(gt_hi, ge_lo)
+    return lax.cond(jnp.all(ok), lambda: select(False), lambda: select(True))
 
 
 def unpack_mask(words: jax.Array, d: int) -> jax.Array:

@@ -94,6 +94,37 @@ def test_radix_top_k_batched_rows_equal_reference(kind, rows, monkeypatch):
     _check_top_k(_rows(kind, (4, 50)), 10, jit=False)
 
 
+@pytest.mark.parametrize("rows", ["map", "vmap"])
+def test_radix_batch_mixing_trial_and_fallback_rows(rows, monkeypatch):
+    # Rows whose sample trial succeeds beside rows that need the fallback bisection (heavy
+    # ties): batched, the fallback is taken for the whole batch or per row, never skipped.
+    monkeypatch.setattr(_radix, "ROWS", rows)
+    kinds = ["normal", "few_values", "sorted", "all_equal", "normal"]
+    x = np.stack([_rows(kind, (70_001,)) for kind in kinds])
+    k = 700
+    # Row 4: the k largest sit between the strided sample's positions, so the sample's
+    # bracket lies below T and only the fallback finds it.
+    stride = _radix.sample_plan(70_001, k)[0]
+    x[4, 1 : 1 + stride * k : stride] = 100 + np.arange(k, dtype=np.float32)
+    lo, hi = _radix._sample_bounds(fk.magnitude_key(_radix._sample(jnp.asarray(x), k)), 70_001, k)
+    gt, ge = jax.vmap(_radix._trial)(fk.magnitude_key(jnp.asarray(x)), lo, hi)
+    capacity = _radix.default_capacity(70_001, k)
+    ok = [bool(_radix._trial_ok(g, e, k, capacity)[0]) for g, e in zip(gt, ge, strict=True)]
+    assert ok[0] and not ok[4]  # the batch really mixes both kinds of row
+    _check_top_k(x, k, jit=False)
+    residual = _rows("normal", x.shape)
+    values, indices, new_residual = jax.jit(
+        lambda a, r: fk.top_k_with_feedback(a, r, k, method="radix")
+    )(jnp.asarray(x), jnp.asarray(residual))
+    acc = x + residual
+    want_values, want_indices = ref.top_k(acc, k)
+    np.testing.assert_array_equal(np.asarray(indices), want_indices)
+    np.testing.assert_array_equal(np.asarray(values), want_values)
+    rebuilt = np.asarray(new_residual).copy()
+    np.put_along_axis(rebuilt, want_indices, want_values, axis=-1)
+    np.testing.assert_array_equal(rebuilt, acc)
+
+
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite"])
 def test_radix_equals_lax_method(kind):
     x = jnp.asarray(_rows(kind, (2, 5000)))
