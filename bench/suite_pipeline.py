@@ -3,8 +3,9 @@
 Cases:
 - `round_topk1%_ef_8bit`: C clients x d parameters, top-k 1% (global), error feedback,
   8-bit stochastic quantization, server decode and mean. Implementations: fedkernels
-  (`compressor(...).round`, one jit for encode + decode, radix select one client row at a
-  time), the same one client per scan step, and the per-client NumPy loop a Flower user writes
+  (`compressor(...).round`, one jit for encode + decode; radix select's passes over the
+  whole cohort, its short per-client work client by client), the same with one client per
+  scan step (`chunk_size=1`), and the per-client NumPy loop a Flower user writes
   (`np.argpartition`, stochastic rounding, `np.add.at`). Same data, same process; on CPU
   also the round on `fk.client_mesh()` over one host device per core
   (`--xla_force_host_platform_device_count`), timed in a subprocess since the device count
@@ -98,7 +99,7 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
     impls.append(("fedkernels", fedkernels_round))
 
     def fedkernels_chunked(u, r):
-        # One client per step of a lax.scan: each step's working set stays in cache.
+        # One client per step of a lax.scan (every pass then runs one row at a time).
         res = comp.round({"w": u}, key, client_ids=ids, residuals=r, chunk_size=1)
         return res.mean, res.residuals
 
