@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fedkernels import _radix, _validate
+from fedkernels import _validate
 from fedkernels._flatten import Unflatten, flatten
 from fedkernels._masked import masked_sum
 from fedkernels._quantize import MAX_BITS, Quantized, dequantize, pack_bits, quantize, unpack_bits
 from fedkernels._scatter import scatter, scatter_sum
 from fedkernels._topk import top_k as _top_k
-from fedkernels._topk import top_k_rows_words
+from fedkernels._topk import top_k_rows_feedback
 
 AGGREGATIONS = ("mean", "masked_mean")
 ON_NONFINITE = ("exclude", "raise")
@@ -458,7 +458,7 @@ def _encode_top_k(
     """`_encode_flat` for top-k selection, in as few passes over `[C, d_s]` as possible.
 
     Selection on `acc = x + residual` (recomputed in each pass, never stored) keeps each
-    client's selection as a bit-packed mask (`top_k_rows_words`: its passes over the rows run
+    client's selection as a bit-packed mask (`top_k_rows_feedback`: its passes over the rows run
     over the whole cohort, only the short per-client work runs client by client); the k
     values are gathered and quantized; one elementwise pass over the cohort writes the new
     residuals (`acc` with the selected coordinates zeroed, or the old residual for an excluded
@@ -476,8 +476,8 @@ def _encode_top_k(
     def combine(*a):
         return a[0] if len(a) == 1 else a[0] + a[1]
 
-    words, indices = top_k_rows_words(rows, combine, k)
-    values = combine(*(jnp.take_along_axis(a, indices, axis=1) for a in rows))
+    # `unsent` is only used with error feedback; XLA drops it otherwise (always jitted).
+    values, indices, unsent = top_k_rows_feedback(rows, combine, k)
     finite = (
         present & jnp.all(jnp.isfinite(values), axis=1) & jnp.all(jnp.isfinite(dense), axis=1)
     )
@@ -489,7 +489,6 @@ def _encode_top_k(
     residual_norm = jnp.zeros((c,), jnp.float32)
     if config.error_feedback:
         kept = rows[1] if residuals is not None else jnp.zeros_like(sparse)
-        unsent = jax.vmap(_radix.select_unset)(words, combine(*rows))
         # One pass: a client left out keeps its old residual (nothing sent, nothing lost).
         new_residuals = jnp.where(included[:, None], unsent, kept)
         if config.bits is not None:

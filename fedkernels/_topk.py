@@ -106,6 +106,23 @@ def top_k_rows_words(
     return _radix.map_rows(lambda *r: top_k_row_words(combine(*r), k), rows)
 
 
+def top_k_rows_feedback(
+    rows: tuple[jax.Array, ...], combine: Any, k: int, *, radix: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k with error feedback on each row of `acc = combine(*rows)` (arrays `[C, d]`),
+    `acc` never stored: `(values [C, k], indices int32 [C, k] ascending, unsent [C, d])`,
+    `unsent` being `acc` with the selected coordinates zeroed (one elementwise pass through
+    the selection's bit-packed mask). The selection is `top_k_rows_words` (method by row
+    length), or radix select whatever the length with `radix=True`."""
+    if radix:
+        words, indices = _radix.top_k_rows(rows, combine, magnitude_key, k)
+    else:
+        words, indices = top_k_rows_words(rows, combine, k)
+    values = combine(*(jnp.take_along_axis(a, indices, axis=-1) for a in rows))
+    unsent = jax.vmap(_radix.select_unset)(words, combine(*rows))
+    return values, indices, unsent
+
+
 def top_k(x: Any, k: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array]:
     """The k entries of largest magnitude in each row of `x`.
 
@@ -195,7 +212,5 @@ def top_k_with_feedback(
         return acc[indices], indices, _radix.select_unset(words, acc)
     lead = x.shape[:-1]
     rows = (x.reshape(-1, d), residual.reshape(-1, d))
-    words, indices = _radix.top_k_rows(rows, jnp.add, magnitude_key, k)
-    values = jnp.take_along_axis(rows[0], indices, -1) + jnp.take_along_axis(rows[1], indices, -1)
-    new_residual = jax.vmap(_radix.select_unset)(words, rows[0] + rows[1])
+    values, indices, new_residual = top_k_rows_feedback(rows, jnp.add, k, radix=True)
     return values.reshape(*lead, k), indices.reshape(*lead, k), new_residual.reshape(x.shape)
