@@ -28,7 +28,17 @@ from jax import lax
 from fedkernels import _validate
 from fedkernels._flatten import Unflatten, flatten
 from fedkernels._masked import masked_sum
-from fedkernels._quantize import MAX_BITS, Quantized, dequantize, pack_bits, quantize, unpack_bits
+from fedkernels._quantize import (
+    MAX_BITS,
+    Quantized,
+    decodes_finite,
+    dequantize,
+    pack_bits,
+    quantize,
+    quantize_rows,
+    unpack_bits,
+    weighted_code_sum,
+)
 from fedkernels._scatter import scatter, scatter_sum
 from fedkernels._topk import top_k as _top_k
 from fedkernels._topk import top_k_rows_feedback
@@ -391,6 +401,8 @@ def _encode_flat(
     """Encodes a cohort chunk. flat float32 [C, d]; residuals [C, d_s] or None."""
     if layout.index_bits > 0 and not config.random_k:
         return _encode_top_k(config, layout, flat, residuals, client_ids, present, key)
+    if layout.index_bits == 0 and config.bits is not None and config.shared_range is None:
+        return _encode_dense_quantized(config, layout, flat, residuals, client_ids, present, key)
     c = flat.shape[0]
     sparse, dense = _split(layout, flat)
     acc = sparse if residuals is None else sparse + residuals.astype(jnp.float32)
@@ -442,6 +454,42 @@ def _encode_flat(
 
     payload = _payload(
         config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
+    )
+    return payload, new_residuals, ClientReport(included, residual_norm)
+
+
+def _encode_dense_quantized(
+    config: CompressorConfig,
+    layout: Layout,
+    flat: jax.Array,
+    residuals: jax.Array | None,
+    client_ids: jax.Array,
+    present: jax.Array,
+    key: jax.Array,
+) -> tuple[Payload, jax.Array | None, ClientReport]:
+    """Every coordinate of the sparse segment quantized with the client's own range (TFF's
+    `quantize_above_threshold`): `_encode_flat`'s rules, in two passes over `[C, d_s]`.
+    The range pass also finds the clients with NaN/Inf (`quantize_rows`) and an overflowing
+    decode is told from the range (`decodes_finite`), so neither needs a pass of its own;
+    excluded clients' codes are computed but never sent (`_payload` zeroes them)."""
+    c = flat.shape[0]
+    sparse, dense = _split(layout, flat)
+    old_residuals = None if residuals is None else residuals.astype(jnp.float32)
+    acc = sparse if old_residuals is None else sparse + old_residuals
+    q, acc_finite = quantize_rows(acc, _client_keys(key, client_ids, 1), config.bits)
+    finite = present & acc_finite & jnp.all(jnp.isfinite(dense), axis=1)
+    included = finite & decodes_finite(q)
+    new_residuals = None
+    residual_norm = jnp.zeros((c,), jnp.float32)
+    if config.error_feedback:
+        # decoded + new_residual == acc (full error feedback, as in `_encode_flat`).
+        new_residuals = acc - dequantize(q)
+        included &= jnp.all(jnp.isfinite(new_residuals), axis=1)
+        # A client that is left out keeps its old residual: nothing was sent, nothing is lost.
+        new_residuals = jnp.where(included[:, None], new_residuals, old_residuals)
+        residual_norm = jnp.sqrt(jnp.sum(new_residuals * new_residuals, axis=1))
+    payload = _payload(
+        config, layout, included, finite, None, acc, (q.packed, q.minimum, q.maximum), dense
     )
     return payload, new_residuals, ClientReport(included, residual_norm)
 
@@ -560,9 +608,15 @@ def _aggregate(
     else:
         contributors = jnp.full((d_s,), jnp.sum(present), jnp.int32)
         sparse_weight = jnp.full((d_s,), jnp.sum(w), jnp.float32)
-        sparse_total = (
-            jnp.zeros((d_s,), jnp.float32) if decoded is None else _rows_sum(decoded, w)
-        )
+        if decoded is None:
+            sparse_total = jnp.zeros((d_s,), jnp.float32)
+        elif config.bits is not None and config.shared_range is None:
+            # Straight from the packed codes: the decoded [C, d_s] is never written.
+            sparse_total = weighted_code_sum(
+                Quantized(payload.codes, payload.minimum, payload.maximum, config.bits, k), w
+            )
+        else:
+            sparse_total = _rows_sum(decoded, w)
     return AggregateSums(
         sparse_total=sparse_total.astype(jnp.float32),
         sparse_weight=sparse_weight.astype(jnp.float32),

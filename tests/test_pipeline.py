@@ -224,6 +224,51 @@ def test_quantized_round_is_close_and_unbiased():
     assert np.max(np.abs(np.mean(draws, 0) - exact)) < 5 * step / np.sqrt(200) + 1e-6
 
 
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_dense_quantized_round_equals_per_client_quantize(error_feedback):
+    """Quantization without selection (TFF's `quantize_above_threshold`): the mean is the
+    weighted mean of each client's own `fk.quantize` decode (same key rule), clients with
+    NaN/Inf or a range whose decode overflows are excluded and keep their residual."""
+    c = 6
+    updates = make_updates(c, seed=5)
+    updates["w"] = updates["w"].at[1, 2, 3].set(jnp.nan)  # sparse segment
+    updates["b"] = updates["b"].at[2, 7].set(-jnp.inf)  # dense segment
+    updates["w"] = updates["w"].at[4, 0, :2].set(jnp.array([-3e38, 3e38]))  # decode overflows
+    ids = jnp.array([10, 11, 3, 0, 7, 5])
+    weights = np.array([1.0, 2.0, 1.0, 0.5, 1.0, 3.0], np.float32)
+    residuals = None
+    if error_feedback:
+        residuals = jnp.asarray(np.random.default_rng(6).normal(size=(c, D_SPARSE)), jnp.float32)
+    comp = fk.compressor(TEMPLATE, bits=8, error_feedback=error_feedback,
+                         dense_threshold=THRESHOLD)
+    result = comp.round(updates, KEY, client_ids=ids, residuals=residuals, weights=weights)
+    excluded = np.array([False, True, True, False, True, False])
+    np.testing.assert_array_equal(result.metrics.excluded, excluded)
+    assert int(result.metrics.uploaded_bytes) == 3 * comp.layout.payload_bytes
+    sparse, dense = split_np(updates)
+    acc = sparse if residuals is None else sparse + np.asarray(residuals, np.float64)
+    total, w_sum = np.zeros(D_SPARSE), 0.0
+    for client in np.flatnonzero(~excluded):
+        key = jax.random.fold_in(jax.random.fold_in(KEY, ids[client]), 1)
+        q = fk.quantize(jnp.asarray(acc[client], jnp.float32), key, bits=8)
+        decoded = np.asarray(fk.dequantize(q), np.float64)
+        total += weights[client] * decoded
+        w_sum += weights[client]
+        if error_feedback:  # the new residual is what the server did not get
+            np.testing.assert_allclose(result.residuals[client], acc[client] - decoded,
+                                       rtol=1e-5, atol=1e-5)
+    got_sparse, got_dense = mean_np(result.mean)
+    np.testing.assert_allclose(got_sparse, total / w_sum, rtol=1e-5, atol=1e-5)
+    keep = ~excluded
+    np.testing.assert_allclose(got_dense, weights[keep] @ dense[keep] / w_sum, rtol=1e-5,
+                               atol=1e-6)
+    if error_feedback:
+        for client in np.flatnonzero(excluded):
+            np.testing.assert_array_equal(result.residuals[client], residuals[client])
+    else:
+        assert result.residuals is None
+
+
 def test_shared_range_commutes_with_the_sum():
     """The server's one decode of the summed integer codes equals the mean of the clients'
     individual decodes, and every value lies on the shared [lo, hi] grid."""

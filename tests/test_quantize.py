@@ -186,6 +186,75 @@ def test_finite_range_matches_numpy_with_non_finite_anywhere(n):
         want_lo = finite.min() if finite.size else np.inf
         want_hi = finite.max() if finite.size else -np.inf
         assert float(lo[row]) == want_lo and float(hi[row]) == want_hi, (row, lo, hi)
+    # poison=True: the clean row keeps its range, any NaN/Inf gives (-Inf, +Inf).
+    x[1, bad[k:]] = 0.0
+    x[1, -1] = 0.0
+    x[1, bad[:k]] = np.nan  # only NaN in row 1 (NaN must not slip through a min)
+    lo, hi = jax.jit(lambda a: _quantize._finite_range(a, poison=True))(jnp.asarray(x))
+    assert (float(lo[0]), float(hi[0])) == (x[0].min(), x[0].max())
+    assert float(lo[1]) == float(lo[2]) == -np.inf and float(hi[1]) == float(hi[2]) == np.inf
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("pos", [0, 5, 1024 * 16 - 1, 60_000 - 1])
+def test_finite_range_poison_flags_one_bad_entry_anywhere(bad, pos):
+    from fedkernels import _quantize
+
+    x = np.random.default_rng(pos).normal(size=(2, 60_000)).astype(np.float32)
+    x[1, pos] = bad
+    lo, hi = jax.jit(lambda a: _quantize._finite_range(a, poison=True))(jnp.asarray(x))
+    assert np.isfinite(float(lo[0])) and np.isfinite(float(hi[0]))
+    assert (float(lo[1]), float(hi[1])) == (-np.inf, np.inf)
+
+
+@pytest.mark.parametrize("n", [5, 1000, 70_001])
+def test_quantize_rows_equals_quantize_per_row_and_flags_non_finite(n):
+    from fedkernels import _quantize
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(4, n)).astype(np.float32)
+    x[1, n // 2] = np.nan
+    x[3, -1] = np.inf
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(3), i))(jnp.arange(4))
+    q, finite = jax.jit(lambda a, k: _quantize.quantize_rows(a, k, 8))(jnp.asarray(x), keys)
+    np.testing.assert_array_equal(np.asarray(finite), [True, False, True, False])
+    for row in (0, 2):
+        want = fk.quantize(jnp.asarray(x[row]), keys[row], bits=8)
+        np.testing.assert_array_equal(np.asarray(q.packed[row]), np.asarray(want.packed))
+        assert float(q.minimum[row]) == float(want.minimum)
+        assert float(q.maximum[row]) == float(want.maximum)
+    assert float(q.minimum[1]) == float(q.maximum[1]) == 0.0  # flagged rows: range [0, 0]
+
+
+def test_decodes_finite_is_false_only_when_the_decode_overflows():
+    from fedkernels import _quantize
+
+    big = np.float32(3e38)
+    x = jnp.array([[-1.0, 2.0], [-big, big], [big / 2, big], [-big, -big / 4]], jnp.float32)
+    q = fk.quantize(x, jax.random.PRNGKey(0), bits=8)
+    ok = np.asarray(_quantize.decodes_finite(q))
+    np.testing.assert_array_equal(ok, np.all(np.isfinite(np.asarray(fk.dequantize(q))), axis=1))
+    np.testing.assert_array_equal(ok, [True, False, True, True])
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8, 11, 16])
+@pytest.mark.parametrize("c", [0, 3, 23])
+def test_weighted_code_sum_equals_float64_reference(bits, c):
+    from fedkernels import _quantize
+
+    rng = np.random.default_rng(bits * 100 + c)
+    n = 1000 + bits  # not a multiple of 32
+    x = (rng.normal(size=(c, n)) * rng.uniform(0.1, 10, size=(c, 1))).astype(np.float32)
+    q = fk.quantize(jnp.asarray(x), jax.random.PRNGKey(bits), bits=bits)
+    weights = rng.uniform(0.0, 2.0, size=c).astype(np.float32)
+    if c:
+        weights[0] = 0.0  # a zero weight adds nothing
+    got = jax.jit(_quantize.weighted_code_sum)(q, jnp.asarray(weights))
+    decoded = np.asarray(fk.dequantize(q), np.float64)
+    want = weights.astype(np.float64) @ decoded if c else np.zeros(n)
+    assert got.shape == (n,) and got.dtype == jnp.float32
+    scale = np.abs(decoded).max() * max(weights.sum(), 1) if c else 1.0
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-6 * scale)
 
 
 def test_finite_range_extremes_in_every_slice_position():
