@@ -8,7 +8,9 @@ ships the computation to TFF's C++ worker, is reported separately as `first`):
                                                         .quantize_above_threshold(8, 20000)
   top_k         top_k_factory(fraction=0.01)         vs tff MeanFactory() (dense; TFF has no top-k)
   pipeline      tff MeanFactory(EncodedSumFactory.quantize_above_threshold(8, 20000)) beside
-                MaskedMeanFactory(quantize_above_threshold(8, 20000)), per client-parameter
+                MaskedMeanFactory(quantize_above_threshold(8, 20000)), per client-parameter,
+                and beside fedkernels' own jitted round of the same work outside TFF
+                (`compressor(bits=8).round`, on a device array and from the NumPy list)
 and, for the first three, the numpy bridge (`fedkernels.tff.*Process`, jitted JAX in-process)
 on the same values. Sizes: C=20, d=1e6 (pipeline C=100); --quick: C=5, d=1e5 (pipeline C=10).
 Skipped (returns []) when TensorFlow Federated is not installed.
@@ -27,6 +29,7 @@ import numpy as np
 from bench import _common
 
 TARGET_RATIO = 1.2  # MaskedMeanFactory vs MeanFactory
+NATIVE_TARGET_SPEEDUP = 50  # fedkernels' own round vs TFF's stock round (issue 4)
 
 
 def _tff_available() -> bool:
@@ -113,8 +116,40 @@ def _values(clients: int, d: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.standard_normal(d, dtype=np.float32) for _ in range(clients)]
 
 
+def _native_rounds(values: list[np.ndarray], weights: list[float]) -> list[tuple[str, Any]]:
+    """fedkernels' own jitted round (`compressor(bits=8, dense_threshold=20000).round`, the
+    work of `MeanFactory(quantize_above_threshold(8, 20000))`, weighted), outside TFF, on the
+    same values: once on a device array placed beforehand (what a JAX simulation holds), once
+    from the list of NumPy arrays (stacked and moved to the device inside the timing)."""
+    import jax
+    import jax.numpy as jnp
+
+    import fedkernels as fk
+
+    d = values[0].shape[0]
+    comp = fk.compressor({"w": jax.ShapeDtypeStruct((d,), jnp.float32)}, bits=8,
+                         dense_threshold=20000)
+    key = jax.random.PRNGKey(0)
+    ids = jnp.arange(len(values), dtype=jnp.int32)
+    w = jnp.asarray(weights, jnp.float32)
+    placed = jax.block_until_ready(jnp.asarray(np.stack(values)))
+
+    def on_device():
+        return comp.round({"w": placed}, key, client_ids=ids, weights=w).mean
+
+    def from_numpy():
+        return comp.round({"w": jnp.asarray(np.stack(values))}, key, client_ids=ids,
+                          weights=w).mean
+
+    return [
+        ("fedkernels round, JAX (updates on device)", on_device),
+        ("fedkernels round, JAX (from NumPy list)", from_numpy),
+    ]
+
+
 def _weighted_case(
-    ctx, op: str, ours, stock, stock_name: str, bridge, clients: int, d: int, repeats: int
+    ctx, op: str, ours, stock, stock_name: str, bridge, clients: int, d: int, repeats: int,
+    native: bool = False,
 ) -> list[dict]:
     import tensorflow_federated as tff
 
@@ -137,6 +172,8 @@ def _weighted_case(
     if bridge is not None:
         bridge_state = bridge.initialize()
         impls.append(("numpy bridge", lambda: bridge.next(bridge_state, values, weights).result))
+    if native:
+        impls += _native_rounds(values, weights)
     timings = _time_interleaved(ctx, case, impls, repeats)
     records += _records(case, op, "tff." + stock_name, clients, d, timings)
     return records
@@ -231,6 +268,7 @@ def run(ctx: _common.Context) -> list[dict]:
             pipeline_clients,
             d,
             repeats,
+            native=True,
         )
     finally:
         _deps.stop_local_workers()
@@ -255,10 +293,14 @@ def _print(records: list[dict]) -> None:
         target = ""
         if r["op"] == "masked_mean" and r["impl"] == "fedkernels.tff" and ratio is not None:
             target = f"<= {TARGET_RATIO}x: " + ("met" if ratio <= TARGET_RATIO else "MISSED")
+        if r["impl"].startswith("fedkernels round") and ratio:
+            target = f"{1 / ratio:.0f}x faster, >= {NATIVE_TARGET_SPEEDUP}x: " + (
+                "met" if 1 / ratio >= NATIVE_TARGET_SPEEDUP else "MISSED"
+            )
         rows.append(
             [
                 r["case"],
-                r["impl"][:48],
+                r["impl"][:44],
                 "-" if r.get("median") is None else f"{1e3 * r['median']:.0f}",
                 "-" if r.get("first") is None else f"{r['first']:.1f}",
                 "-"

@@ -31,6 +31,7 @@ from fedkernels._masked import masked_sum
 from fedkernels._quantize import (
     MAX_BITS,
     Quantized,
+    code_row_sum,
     decodes_finite,
     dequantize,
     pack_bits,
@@ -589,14 +590,12 @@ def _aggregate(
     else:
         # Integer codes summed as integers (what secure aggregation can do); the affine
         # decode is applied once in `finalize`.
-        codes = unpack_bits(payload.codes, config.bits, k).astype(jnp.int32) * present[:, None]
         decoded = None
         if selecting:
-            code_sum = scatter(codes.reshape(-1), indices.reshape(-1), d_s)
-        else:
-            code_sum = lax.fori_loop(
-                0, c, lambda i, s: s + codes[i], jnp.zeros((d_s,), jnp.int32)
-            ) if c else jnp.zeros((d_s,), jnp.int32)
+            codes = unpack_bits(payload.codes, config.bits, k).astype(jnp.int32)
+            code_sum = scatter((codes * present[:, None]).reshape(-1), indices.reshape(-1), d_s)
+        else:  # straight from the packed words, as weighted_code_sum
+            code_sum = code_row_sum(payload.codes, config.bits, k, present)
     if selecting:
         ones = jnp.broadcast_to(present[:, None], (c, k))
         contributors = scatter(ones.reshape(-1), indices.reshape(-1), d_s)

@@ -440,29 +440,34 @@ def weighted_code_sum(q: Quantized, weights: jax.Array) -> jax.Array:
     A loop over groups of rows that unpacks each row's words and adds them into one float32
     accumulator, so the `[C, n]` decoded array is never written (on XLA:CPU, C=100, n=1e6,
     8 bits: see the pipeline bench). For `bits` not dividing 32 (codes straddling words) it
-    decodes and sums row by row through `dequantize`.
+    unpacks and adds row by row (`code_row_sum`).
     """
-    c, n, bits = q.packed.shape[0], q.length, q.bits
     weights = weights.astype(jnp.float32)
-    offset = jnp.sum(weights * q.minimum)
-    levels = jnp.float32((1 << bits) - 1)
+    levels = jnp.float32((1 << q.bits) - 1)
     coef = weights * ((q.maximum - q.minimum) / levels)
+    return code_row_sum(q.packed, q.bits, q.length, coef) + jnp.sum(weights * q.minimum)
+
+
+def code_row_sum(packed: jax.Array, bits: int, length: int, coef: jax.Array) -> jax.Array:
+    """`sum_c coef[c] * codes[c]` for packed codes `[C, words]` (`pack_bits` layout), in the
+    dtype of `coef` (`[C]`, float32 or int32), shape `[length]`. Integer `coef` gives the exact
+    integer code sum (for the shared-range mode, what secure aggregation sums)."""
+    c = packed.shape[0]
+    dtype = coef.dtype
     if c == 0:
-        return jnp.zeros((n,), jnp.float32)
+        return jnp.zeros((length,), dtype)
     if 32 % bits:
         def add(i, acc):
-            row = unpack_bits(q.packed[i], bits, n).astype(jnp.float32)
-            return acc + coef[i] * row
+            return acc + coef[i] * unpack_bits(packed[i], bits, length).astype(dtype)
 
-        return lax.fori_loop(0, c, add, jnp.zeros((n,), jnp.float32)) + offset
+        return lax.fori_loop(0, c, add, jnp.zeros((length,), dtype))
     per = 32 // bits
-    words = q.packed.shape[1]
     shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
     mask = jnp.uint32((1 << bits) - 1)
 
     def add_row(acc, i):
-        row = lax.dynamic_index_in_dim(q.packed, i, keepdims=False)
-        codes = ((row[:, None] >> shifts) & mask).astype(jnp.int32).astype(jnp.float32)
+        row = lax.dynamic_index_in_dim(packed, i, keepdims=False)
+        codes = ((row[:, None] >> shifts) & mask).astype(jnp.int32).astype(dtype)
         return acc + coef[i] * codes
 
     def step(s, acc):
@@ -470,13 +475,13 @@ def weighted_code_sum(q: Quantized, weights: jax.Array) -> jax.Array:
             acc = add_row(acc, s * _CODE_ROWS_PER_STEP + j)
         return acc
 
-    acc = jnp.zeros((words, per), jnp.float32)
+    acc = jnp.zeros((packed.shape[1], per), dtype)
     steps = c // _CODE_ROWS_PER_STEP
     if steps:
         acc = lax.fori_loop(0, steps, step, acc)
     for i in range(steps * _CODE_ROWS_PER_STEP, c):
         acc = add_row(acc, i)
-    return acc.reshape(-1)[:n] + offset
+    return acc.reshape(-1)[:length]
 
 
 def dequantize(q: Quantized) -> jax.Array:

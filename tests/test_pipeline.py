@@ -269,13 +269,14 @@ def test_dense_quantized_round_equals_per_client_quantize(error_feedback):
         assert result.residuals is None
 
 
-def test_shared_range_commutes_with_the_sum():
+@pytest.mark.parametrize("top_k", [0.05, None], ids=["topk", "every-coordinate"])
+def test_shared_range_commutes_with_the_sum(top_k):
     """The server's one decode of the summed integer codes equals the mean of the clients'
     individual decodes, and every value lies on the shared [lo, hi] grid."""
     c = 3
-    # The settings of test_error_feedback_conservation[shared-range]: compiled once.
+    # With top-k: the settings of test_error_feedback_conservation[shared-range].
     comp = fk.compressor(TEMPLATE, error_feedback=True, dense_threshold=THRESHOLD,
-                         top_k=0.05, bits=4, shared_range=(-1.0, 1.0))
+                         top_k=top_k, bits=4, shared_range=(-1.0, 1.0))
     updates = make_updates(c, seed=3)
     payload, _, report = comp.encode(updates, jnp.zeros((c, D_SPARSE)), jnp.array([9, 4, 8]),
                                      KEY)
@@ -286,6 +287,9 @@ def test_shared_range_commutes_with_the_sum():
     assert np.all(np.abs(singles) <= 1.0 + 1e-6)
     np.testing.assert_allclose(grid[singles != 0], np.round(grid[singles != 0]), atol=1e-4)
     assert np.count_nonzero(singles) > c * 30  # the test can fail: values were sent
+    if top_k is None:  # every coordinate sent: clipped to [-1, 1] within one step (2 / 15)
+        clipped = np.clip(split_np(updates)[0], -1.0, 1.0)
+        assert np.max(np.abs(singles - clipped)) <= 2 / 15 + 1e-6
 
 
 def test_random_k_is_unbiased():

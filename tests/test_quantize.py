@@ -255,6 +255,13 @@ def test_weighted_code_sum_equals_float64_reference(bits, c):
     assert got.shape == (n,) and got.dtype == jnp.float32
     scale = np.abs(decoded).max() * max(weights.sum(), 1) if c else 1.0
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-6 * scale)
+    # Integer coefficients: the exact integer code sum (the shared-range server).
+    include = (np.arange(c) % 3 != 1).astype(np.int32)
+    codes = np.asarray(fk.unpack_bits(q.packed, bits, n), np.int64)
+    got_int = jax.jit(_quantize.code_row_sum, static_argnums=(1, 2))(
+        q.packed, bits, n, jnp.asarray(include))
+    assert got_int.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got_int), include @ codes if c else np.zeros(n))
 
 
 def test_finite_range_extremes_in_every_slice_position():
