@@ -316,6 +316,36 @@ def _join(layout: Layout, sparse: jax.Array, dense: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
+# Column block and blocks per loop step of `_row_norms`. Measured, X float32 [100, 1e6]
+# (fastest of 9): jax 0.4.30 68 ms for jnp.sum(X * X, 1) (its reduce-window rewrite writes
+# X * X out first) against 19 ms; jax 0.10.2 32 against 19 ms. 1024 x 4, 4096 x 2 and
+# 8192 x 1 were slower (21 to 37 ms).
+_NORM_BLOCK = 2048
+_NORM_BLOCKS_PER_STEP = 8
+
+
+def _row_norms(x: jax.Array) -> jax.Array:
+    """Euclidean norm of each row of float32 `[C, d]`, in one read of `x`: a loop over column
+    blocks adds `block**2` into a `[C, _NORM_BLOCK]` accumulator (cache-resident), summed at
+    the end. XLA:CPU's own row reduction is slower for long rows (see above)."""
+    c, d = x.shape
+    span = _NORM_BLOCK * _NORM_BLOCKS_PER_STEP
+    steps = d // span
+    if steps == 0:
+        return jnp.sqrt(jnp.sum(x * x, axis=1))
+
+    def step(i, acc):
+        for j in range(_NORM_BLOCKS_PER_STEP):
+            block = lax.dynamic_slice_in_dim(x, (i * _NORM_BLOCKS_PER_STEP + j) * _NORM_BLOCK,
+                                             _NORM_BLOCK, axis=1)
+            acc = acc + block * block
+        return acc
+
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((c, _NORM_BLOCK), jnp.float32))
+    tail = x[:, steps * span :]
+    return jnp.sqrt(jnp.sum(acc, axis=1) + jnp.sum(tail * tail, axis=1))
+
+
 def _client_keys(key: jax.Array, client_ids: jax.Array, stream: int) -> jax.Array:
     # Per-client randomness from the client's id, not its position in the cohort, so chunking,
     # sharding and cohort order do not change the draws.
@@ -449,7 +479,7 @@ def _encode_flat(
     if new_residuals is not None:
         # A client that is left out keeps its old residual: nothing was sent, nothing is lost.
         new_residuals = jnp.where(included[:, None], new_residuals, old_residuals)
-        residual_norm = jnp.sqrt(jnp.sum(new_residuals * new_residuals, axis=1))
+        residual_norm = _row_norms(new_residuals)
     else:
         residual_norm = jnp.zeros((c,), jnp.float32)
 
@@ -488,7 +518,7 @@ def _encode_dense_quantized(
         included &= jnp.all(jnp.isfinite(new_residuals), axis=1)
         # A client that is left out keeps its old residual: nothing was sent, nothing is lost.
         new_residuals = jnp.where(included[:, None], new_residuals, old_residuals)
-        residual_norm = jnp.sqrt(jnp.sum(new_residuals * new_residuals, axis=1))
+        residual_norm = _row_norms(new_residuals)
     payload = _payload(
         config, layout, included, finite, None, acc, (q.packed, q.minimum, q.maximum), dense
     )
@@ -547,7 +577,7 @@ def _encode_top_k(
             new_residuals = new_residuals.at[jnp.arange(c)[:, None], indices].add(
                 error, indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds"
             )
-        residual_norm = jnp.sqrt(jnp.sum(new_residuals * new_residuals, axis=1))
+        residual_norm = _row_norms(new_residuals)
 
     payload = _payload(
         config, layout, included, finite, indices, values, (codes, minimum, maximum), dense

@@ -344,6 +344,17 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
         raising.round(updates, KEY, residuals=residuals)
 
 
+@pytest.mark.parametrize("d", [100, 16_384, 16_384 * 3 + 77])
+def test_row_norms_match_float64(d):
+    """The residual norm's blocked loop (rows of 16384 or more), its tail, and short rows."""
+    rng = np.random.default_rng(d)
+    x = (rng.normal(size=(3, d)) * np.array([[1.0], [1e-3], [50.0]])).astype(np.float32)
+    x[1, -1] = 7.0  # in the tail
+    got = jax.jit(_pipeline._row_norms)(jnp.asarray(x))
+    want = np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=1))
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
+
+
 def test_residual_norm_metrics_are_those_of_the_new_residuals():
     c = 5
     updates = make_updates(c)
