@@ -50,6 +50,50 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
     }
 
 
+def time_interleaved(
+    progress: Callable[[str], None],
+    case: str,
+    impls: list[tuple[str, Callable[[], Any]]],
+    repeats: int = 5,
+) -> dict[str, dict]:
+    """Times each implementation `repeats` times, alternating between them round by round.
+
+    The machine is shared (2 cores, other jobs): alternating spreads any slowdown over all
+    implementations instead of penalizing whichever ran during it, so their ratio is fairer
+    than from back-to-back blocks. The first call of each (jit compiling, or building and
+    shipping a TFF computation) is `first`. Returns, per name, `time_fn`'s keys and
+    `"error": None`, or `{"error": message}` if its first call raised (not fatal).
+    """
+    timings: dict[str, dict] = {}
+    times: dict[str, list[float]] = {}
+    for impl, fn in impls:
+        progress(f"  {case}: {impl}: first call")
+        try:
+            start = time.perf_counter()
+            block(fn())
+            timings[impl] = {"first": time.perf_counter() - start, "error": None}
+            times[impl] = []
+        except Exception as err:  # reported, not fatal
+            timings[impl] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            progress(f"    failed: {timings[impl]['error']}")
+    for round_index in range(repeats):
+        progress(f"  {case}: round {round_index + 1}/{repeats}")
+        for impl, fn in impls:
+            if impl in times:
+                start = time.perf_counter()
+                block(fn())
+                times[impl].append(time.perf_counter() - start)
+    for impl, samples in times.items():
+        median = statistics.median(samples)
+        timings[impl].update(
+            median=median,
+            min=min(samples),
+            repeats=len(samples),
+            compile=max(timings[impl]["first"] - median, 0.0),
+        )
+    return timings
+
+
 def attempt(progress: Callable[[str], None], timed: Callable[[], dict]) -> tuple[dict, str | None]:
     """`(timed(), None)`, or `({}, message)` if it raised: a failing implementation is
     reported in its row (and through `progress`), not fatal to the suite."""

@@ -112,19 +112,24 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
 
     records = []
     mesh_mean = ctx.out_dir / "mesh_round_mean.npy"
+    # In-process implementations alternate round by round (a slowdown of the shared machine
+    # then hits all of them); the mesh runs in its own subprocess afterwards.
+    in_process = [
+        (impl, (lambda fn=fn: fn(updates, residuals)) if fn is not None else
+         (lambda: numpy_round(host_updates, host_residuals, k, 8, 0)))
+        for impl, fn in impls if fn != "mesh"
+    ]
+    timings = _common.time_interleaved(ctx.progress, case, in_process, repeats)
     for impl, fn in impls:
-        ctx.progress(f"  {case}: {impl}")
-
-        def timed(fn=fn):
-            if fn is None:
-                return _common.time_fn(
-                    numpy_round, host_updates, host_residuals, k, 8, 0, repeats=repeats
-                )
-            if fn == "mesh":
-                return _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean)
-            return _common.time_fn(fn, updates, residuals, repeats=repeats)
-
-        timing, error = _common.attempt(ctx.progress, timed)
+        if fn == "mesh":
+            ctx.progress(f"  {case}: {impl}")
+            timing, error = _common.attempt(
+                ctx.progress,
+                lambda: _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean),
+            )
+        else:
+            timing = dict(timings[impl])
+            error = timing.pop("error")
         records.append(
             {
                 "case": case,

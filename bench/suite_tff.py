@@ -18,10 +18,7 @@ Skipped (returns []) when TensorFlow Federated is not installed.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,41 +33,6 @@ def _tff_available() -> bool:
     from fedkernels.tff import _deps
 
     return _deps.available()
-
-
-def _time_interleaved(
-    ctx, case: str, impls: list[tuple[str, Callable[[], Any]]], repeats: int
-) -> dict[str, dict]:
-    """Times each implementation `repeats` times, alternating between them round by round.
-
-    The machine is shared (2 cores, other jobs): alternating spreads any slowdown over all
-    implementations instead of penalizing whichever ran during it. The first call of each
-    (building and shipping the computation to TFF's worker, or jit compiling) is `first`.
-    """
-    timings: dict[str, dict] = {}
-    times: dict[str, list[float]] = {}
-    for impl, fn in impls:
-        ctx.progress(f"  {case}: {impl}: first call")
-        try:
-            start = time.perf_counter()
-            _common.block(fn())
-            timings[impl] = {"first": time.perf_counter() - start, "error": None}
-            times[impl] = []
-        except Exception as err:  # reported, not fatal
-            timings[impl] = {"error": f"{type(err).__name__}: {err}"[:300]}
-            ctx.progress(f"    failed: {timings[impl]['error']}")
-    for round_index in range(repeats):
-        ctx.progress(f"  {case}: round {round_index + 1}/{repeats}")
-        for impl, fn in impls:
-            if impl in times:
-                start = time.perf_counter()
-                _common.block(fn())
-                times[impl].append(time.perf_counter() - start)
-    for impl, samples in times.items():
-        timings[impl].update(
-            median=statistics.median(samples), min=min(samples), repeats=len(samples)
-        )
-    return timings
 
 
 def _records(
@@ -174,7 +136,7 @@ def _weighted_case(
         impls.append(("numpy bridge", lambda: bridge.next(bridge_state, values, weights).result))
     if native:
         impls += _native_rounds(values, weights)
-    timings = _time_interleaved(ctx, case, impls, repeats)
+    timings = _common.time_interleaved(ctx.progress, case, impls, repeats)
     records += _records(case, op, "tff." + stock_name, clients, d, timings)
     return records
 
@@ -201,7 +163,7 @@ def _unweighted_case(
     if bridge is not None:
         bridge_state = bridge.initialize()
         impls.append(("numpy bridge", lambda: bridge.next(bridge_state, values).result))
-    timings = _time_interleaved(ctx, case, impls, repeats)
+    timings = _common.time_interleaved(ctx.progress, case, impls, repeats)
     records += _records(case, op, "tff." + stock_name, clients, d, timings)
     return records
 
