@@ -612,15 +612,13 @@ def _aggregate(
     if selecting:
         indices = unpack_bits(payload.indices, layout.index_bits, k).astype(jnp.int32)
     code_sum = jnp.zeros((0,), jnp.int32)
-    if config.bits is None:
-        decoded = payload.values
-    elif config.shared_range is None:
-        decoded = dequantize(Quantized(payload.codes, payload.minimum, payload.maximum,
-                                       config.bits, k))
-    else:
+    shared = config.shared_range is not None
+    quantized = None if config.bits is None else Quantized(
+        payload.codes, payload.minimum, payload.maximum, config.bits, k
+    )
+    if shared:
         # Integer codes summed as integers (what secure aggregation can do); the affine
         # decode is applied once in `finalize`.
-        decoded = None
         if selecting:
             codes = unpack_bits(payload.codes, config.bits, k).astype(jnp.int32)
             code_sum = scatter((codes * present[:, None]).reshape(-1), indices.reshape(-1), d_s)
@@ -629,23 +627,21 @@ def _aggregate(
     if selecting:
         ones = jnp.broadcast_to(present[:, None], (c, k))
         contributors = scatter(ones.reshape(-1), indices.reshape(-1), d_s)
-        if decoded is None:
+        if shared:
             sparse_total = jnp.zeros((d_s,), jnp.float32)
             sparse_weight = contributors.astype(jnp.float32)
         else:
+            decoded = payload.values if quantized is None else dequantize(quantized)
             sparse_total, sparse_weight = scatter_sum(decoded, indices, d_s, weights=w)
     else:
         contributors = jnp.full((d_s,), jnp.sum(present), jnp.int32)
         sparse_weight = jnp.full((d_s,), jnp.sum(w), jnp.float32)
-        if decoded is None:
+        if shared:
             sparse_total = jnp.zeros((d_s,), jnp.float32)
-        elif config.bits is not None and config.shared_range is None:
-            # Straight from the packed codes: the decoded [C, d_s] is never written.
-            sparse_total = weighted_code_sum(
-                Quantized(payload.codes, payload.minimum, payload.maximum, config.bits, k), w
-            )
-        else:
-            sparse_total = _rows_sum(decoded, w)
+        elif quantized is None:
+            sparse_total = _rows_sum(payload.values, w)
+        else:  # straight from the packed codes: the decoded [C, d_s] is never written
+            sparse_total = weighted_code_sum(quantized, w)
     return AggregateSums(
         sparse_total=sparse_total.astype(jnp.float32),
         sparse_weight=sparse_weight.astype(jnp.float32),
