@@ -80,6 +80,23 @@ _ROWS_PER_STEP = 10
 _MAX_EXACT_FLOAT32_COUNT = 2**24
 
 
+def fold_rows(add_row: Any, init: Any, num_rows: int, rows_per_step: int = _ROWS_PER_STEP) -> Any:
+    """`add_row(... add_row(add_row(init, 0), 1) ..., num_rows - 1)`, rows in order: a
+    `fori_loop` whose steps add `rows_per_step` rows each (unrolled, so that one fusion per
+    step reads those rows together with the accumulator), then the leftover rows."""
+
+    def step(index, acc):
+        for i in range(rows_per_step):
+            acc = add_row(acc, index * rows_per_step + i)
+        return acc
+
+    num_steps = num_rows // rows_per_step
+    acc = lax.fori_loop(0, num_steps, step, init) if num_steps else init
+    for row in range(num_steps * rows_per_step, num_rows):
+        acc = add_row(acc, row)
+    return acc
+
+
 def _block_size(d: int) -> int:
     """A block length for d columns: d itself when small, else preferably a divisor of d."""
     if d <= _BLOCK:
@@ -136,17 +153,8 @@ def _blocked_sums(
             out.append(acc + jnp.where(contributes, jnp.where(is_numerator, values, one), 0))
         return tuple(out)
 
-    def step(index, accs):
-        for i in range(_ROWS_PER_STEP):
-            accs = add_row(accs, index * _ROWS_PER_STEP + i)
-        return accs
-
     accs = tuple(jnp.zeros((n, 2, length), acc_dtype) for _, n, length in segments)
-    num_steps = num_clients // _ROWS_PER_STEP
-    if num_steps:
-        accs = lax.fori_loop(0, num_steps, step, accs)
-    for client in range(num_steps * _ROWS_PER_STEP, num_clients):
-        accs = add_row(accs, client)
+    accs = fold_rows(add_row, accs, num_clients)
     numerator = jnp.concatenate([acc[:, 0].reshape(-1) for acc in accs])
     denominator = jnp.concatenate([acc[:, 1].reshape(-1) for acc in accs])
     return numerator, denominator

@@ -11,6 +11,7 @@ import numpy as np
 from jax import lax
 
 from fedkernels import _validate
+from fedkernels._masked import fold_rows
 
 MAX_BITS = 16
 
@@ -427,10 +428,6 @@ def decodes_finite(q: Quantized) -> jax.Array:
     return jnp.all(jnp.isfinite(ends / levels * span + q.minimum[..., None]), axis=-1)
 
 
-# Client rows added per loop step in `weighted_code_sum` (as `_masked._ROWS_PER_STEP`).
-_CODE_ROWS_PER_STEP = 10
-
-
 def weighted_code_sum(q: Quantized, weights: jax.Array) -> jax.Array:
     """`sum_c weights[c] * dequantize(q)[c]` over the rows of a `Quantized` `[C, n]`, float32
     `[n]`, straight from the packed words: `sum_c a_c * code_c + sum_c weights[c] * min_c`
@@ -470,17 +467,7 @@ def code_row_sum(packed: jax.Array, bits: int, length: int, coef: jax.Array) -> 
         codes = ((row[:, None] >> shifts) & mask).astype(jnp.int32).astype(dtype)
         return acc + coef[i] * codes
 
-    def step(s, acc):
-        for j in range(_CODE_ROWS_PER_STEP):
-            acc = add_row(acc, s * _CODE_ROWS_PER_STEP + j)
-        return acc
-
-    acc = jnp.zeros((packed.shape[1], per), dtype)
-    steps = c // _CODE_ROWS_PER_STEP
-    if steps:
-        acc = lax.fori_loop(0, steps, step, acc)
-    for i in range(steps * _CODE_ROWS_PER_STEP, c):
-        acc = add_row(acc, i)
+    acc = fold_rows(add_row, jnp.zeros((packed.shape[1], per), dtype), c)
     return acc.reshape(-1)[:length]
 
 
