@@ -40,12 +40,17 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
         start = time.perf_counter()
         block(fn(*args))
         times.append(time.perf_counter() - start)
+    return _summary(first, times)
+
+
+def _summary(first: float, times: list[float]) -> dict:
+    """`time_fn`'s keys from the first call's seconds and the timed runs'."""
     median = statistics.median(times)
     return {
         "first": first,
         "median": median,
         "min": min(times),
-        "repeats": repeats,
+        "repeats": len(times),
         "compile": max(first - median, 0.0),
     }
 
@@ -84,13 +89,7 @@ def time_interleaved(
                 block(fn())
                 times[impl].append(time.perf_counter() - start)
     for impl, samples in times.items():
-        median = statistics.median(samples)
-        timings[impl].update(
-            median=median,
-            min=min(samples),
-            repeats=len(samples),
-            compile=max(timings[impl]["first"] - median, 0.0),
-        )
+        timings[impl].update(_summary(timings[impl]["first"], samples))
     return timings
 
 

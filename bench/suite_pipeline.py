@@ -88,48 +88,42 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
     size = num_clients * d
     # Moved at least: updates and residuals read, new residuals written.
     nbytes = 3 * 4 * size
-    impls: list[tuple[str, Any]] = []
-
     comp = fk.compressor(template, **options)
 
     def fedkernels_round(u, r):
         res = comp.round({"w": u}, key, client_ids=ids, residuals=r)
         return res.mean, res.residuals
 
-    impls.append(("fedkernels", fedkernels_round))
-
     def fedkernels_chunked(u, r):
         # One client per step of a lax.scan (every pass then runs one row at a time).
         res = comp.round({"w": u}, key, client_ids=ids, residuals=r, chunk_size=1)
         return res.mean, res.residuals
 
-    impls.append(("fedkernels chunk_size=1", fedkernels_chunked))
-
-    impls.append(("numpy per-client loop", None))
-    host_devices = _host_device_count(ctx)
-    if host_devices > 1:
-        impls.append((f"fedkernels client_mesh, {host_devices} host devices (subprocess)", "mesh"))
-
-    records = []
-    mesh_mean = ctx.out_dir / "mesh_round_mean.npy"
     # In-process implementations alternate round by round (a slowdown of the shared machine
     # then hits all of them); the mesh runs in its own subprocess afterwards.
     in_process = [
-        (impl, (lambda fn=fn: fn(updates, residuals)) if fn is not None else
-         (lambda: numpy_round(host_updates, host_residuals, k, 8, 0)))
-        for impl, fn in impls if fn != "mesh"
+        ("fedkernels", lambda: fedkernels_round(updates, residuals)),
+        ("fedkernels chunk_size=1", lambda: fedkernels_chunked(updates, residuals)),
+        ("numpy per-client loop", lambda: numpy_round(host_updates, host_residuals, k, 8, 0)),
     ]
     timings = _common.time_interleaved(ctx.progress, case, in_process, repeats)
-    for impl, fn in impls:
-        if fn == "mesh":
-            ctx.progress(f"  {case}: {impl}")
-            timing, error = _common.attempt(
-                ctx.progress,
-                lambda: _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean),
-            )
-        else:
-            timing = dict(timings[impl])
-            error = timing.pop("error")
+    rows = []
+    for impl, _ in in_process:
+        timing = dict(timings[impl])
+        rows.append((impl, timing, timing.pop("error")))
+    mesh_mean = ctx.out_dir / "mesh_round_mean.npy"
+    host_devices = _host_device_count(ctx)
+    if host_devices > 1:
+        impl = f"fedkernels client_mesh, {host_devices} host devices (subprocess)"
+        ctx.progress(f"  {case}: {impl}")
+        timing, error = _common.attempt(
+            ctx.progress,
+            lambda: _mesh_round(ctx, num_clients, d, repeats, host_devices, mesh_mean),
+        )
+        rows.append((impl, timing, error))
+
+    records = []
+    for impl, timing, error in rows:
         records.append(
             {
                 "case": case,
