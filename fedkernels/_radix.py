@@ -15,11 +15,12 @@ an ascending sort (ties at the k-th key go to the lower index), without a partia
 Why it is fast on CPU: every pass over the row is a comparison fused into a row reduction of
 width 32 that packs the mask into uint32 words (one bit per entry). XLA:CPU runs that as fast
 as a copy, while full reductions (`sum(key > t)`) and `cumsum` over 1e7 entries are 10 to 50
-times slower there. Counts are popcounts of the words; compaction locates the j-th set bit by
-binary search over the (32x shorter) prefix sums of the word popcounts, then inside its word.
+times slower there. Counts are popcounts of the words; compaction locates the j-th set bit
+from the prefix sums of the popcounts of groups of four words (128x shorter than the row),
+then its word from the group's running sums held as bytes, then the bit inside its word.
 
-Uses only comparisons, shifts, gathers, cumsum, `lax.top_k` on a small sample, scatter-free
-and sort-free, so it stays within what `jax2tf` converts without XLA ops.
+Uses only comparisons, shifts, gathers, small scatter-adds, cumsum and `lax.top_k` on a small
+sample, sort-free.
 """
 
 from __future__ import annotations
@@ -157,27 +158,52 @@ def _cumsum(values: jax.Array, max_value: int = WORD, total: int | None = None) 
     return (within + offsets[:, None]).reshape(-1)[:n]
 
 
+# Words per group in `_compact`: four popcounts (each <= 32) fit the four bytes of a uint32,
+# and one multiply by 0x01010101 turns them into their running sums (each <= 128).
+_GROUP = 4
+
+
 def _compact(words: jax.Array, size: int) -> jax.Array:
     """Indices of the first `size` set bits of `words` (uint32 `[n]`), ascending, int32.
 
     Slots beyond the number of set bits hold unspecified in-range indices.
+
+    The prefix sum (slow on XLA:CPU, about 3.5 ns per entry) runs over groups of `_GROUP`
+    words, not over words: each group's four popcounts are packed as bytes and summed in place
+    by one multiply (SWAR), so a slot finds its group from the group prefix sums, then its
+    word from the group's bytes, then its bit. Measured (jax 0.4.30, 1e6-bit rows, 1% set,
+    inside `lax.map`): 0.63 against 0.39 ms per row for words compacted one prefix sum each.
     """
-    counts = _popcount(words)
-    inclusive = _cumsum(counts)
+    n = words.shape[0]
+    grouped = jnp.pad(words, (0, -n % _GROUP)).reshape(-1, _GROUP)
+    counts = _popcount(grouped).astype(jnp.uint32)
+    byte_shifts = jnp.arange(0, 8 * _GROUP, 8, dtype=jnp.uint32)
+    # Byte i of `running` is counts[0] + ... + counts[i] of its group (at most 128: no carry).
+    running = jnp.sum(counts << byte_shifts, axis=1, dtype=jnp.uint32) * jnp.uint32(0x01010101)
+    group_counts = (running >> 24).astype(jnp.int32)
+    inclusive = _cumsum(group_counts, WORD * _GROUP)
     slots = jnp.arange(size, dtype=jnp.int32)
-    num_words = words.shape[0]
-    if size * max(num_words.bit_length(), 1) <= 4 * num_words:
-        # Few slots: binary search of each slot's word in the prefix counts.
-        word = jnp.searchsorted(inclusive, slots, side="right").astype(jnp.int32)
+    num_groups = group_counts.shape[0]
+    if size * max(num_groups.bit_length(), 1) <= 4 * num_groups:
+        # Few slots: binary search of each slot's group in the prefix counts.
+        group = jnp.searchsorted(inclusive, slots, side="right").astype(jnp.int32)
     else:
-        # Many slots: word(j) = #{words starting at or before slot j} - 1. Mark each word's
+        # Many slots: group(j) = #{groups starting at or before slot j} - 1. Mark each group's
         # first slot (scatter-add, out-of-range starts dropped), then a prefix sum over slots.
-        starts = jnp.minimum(inclusive - counts, size)
+        starts = jnp.minimum(inclusive - group_counts, size)
         marks = jnp.zeros(size + 1, jnp.int32).at[starts].add(1, mode="drop")
-        word = _cumsum(marks[:size], num_words, total=num_words) - 1
-    word = jnp.clip(word, 0, num_words - 1)
-    rank = slots - (inclusive[word] - counts[word])
-    return word * WORD + _select_bit(words[word], rank)
+        group = _cumsum(marks[:size], num_groups, total=num_groups) - 1
+    group = jnp.clip(group, 0, num_groups - 1)
+    rank = (slots - (inclusive[group] - group_counts[group])).astype(jnp.uint32)
+    sums = running[group]
+    # The slot's word: how many of the group's first three running sums are <= its rank.
+    below = [(sums >> jnp.uint32(8 * i)) & jnp.uint32(0xFF) for i in range(_GROUP - 1)]
+    within = sum((b <= rank).astype(jnp.int32) for b in below)
+    before = jnp.zeros_like(rank)
+    for i, b in enumerate(below):
+        before = jnp.where(within == i + 1, b, before)
+    word = jnp.minimum(group * _GROUP + within, n - 1)  # in range beyond the set bits too
+    return word * WORD + _select_bit(grouped.reshape(-1)[word], (rank - before).astype(jnp.int32))
 
 
 def _first_bits(words: jax.Array, m: jax.Array) -> jax.Array:
@@ -482,11 +508,12 @@ def top_k_rows(
 
         return map_rows(one, (gt_hi, ge_lo, lo, hi, jnp.arange(c, dtype=jnp.int32)))
 
-    if rows_mode() == "map":
-        return select(True)  # each row branches on its own trial
-    # Batched rows: a per-row `lax.cond` becomes a select that runs both branches, so the
-    # fallback (a gather of the whole rows, then bisection passes) would run every time;
-    # branch once for the batch instead, on whether every row's trial succeeded.
+    # Branch once for the batch, on whether every row's trial succeeded: then no row needs the
+    # fallback. Batched rows (vmap) would otherwise run both sides of a per-row `lax.cond` (a
+    # gather of the whole rows, then bisection passes) every time; rows run one at a time
+    # (`lax.map`) skip a per-row branch whose fallback closes over the whole rows: jax 0.4.30,
+    # [100, 1e6], the per-row work went from about 1.5 to 0.75 ms per row.
+    # When some trial failed, each row branches on its own.
     ok = jax.vmap(lambda g, e: _trial_ok(g, e, k, capacity)[0])(gt_hi, ge_lo)
     return lax.cond(jnp.all(ok), lambda: select(False), lambda: select(True))
 

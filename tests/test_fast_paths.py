@@ -234,6 +234,20 @@ def test_pack_compact_first_bits_match_numpy(n, density, mode, monkeypatch):
         np.testing.assert_array_equal(np.flatnonzero(bits.reshape(-1)), where[:m])
 
 
+@pytest.mark.parametrize("mode", ["matmul", "scan"])
+def test_compact_runs_of_full_and_empty_words(mode, monkeypatch):
+    # `_compact` counts bits per group of 4 words (bytes of one uint32): runs of set bits
+    # give groups of 128 (the largest byte value), empty groups, and partial words between.
+    monkeypatch.setattr(_radix, "CUMSUM", mode)
+    n = 40_000 + 13
+    mask = (np.arange(n) // 97) % 3 == 0
+    mask[-5:] = True  # set bits in the padded last group
+    where = np.flatnonzero(mask)
+    words = _radix._pack(jnp.asarray(mask))
+    for size in (1, 100, len(where) - 1, len(where)):
+        np.testing.assert_array_equal(np.asarray(_radix._compact(words, size)), where[:size])
+
+
 def test_select_bit_every_rank():
     words = jnp.asarray(RNG.integers(0, 2**32, 500, dtype=np.uint64).astype(np.uint32))
     words = words.at[0].set(jnp.uint32(0xFFFFFFFF)).at[1].set(jnp.uint32(0x80000001))
