@@ -112,3 +112,26 @@ def test_top_k_parts_are_the_kernel_split_in_three(tmp_path):
     fn, args = impls["part 3/3: fedkernels gather of k values"]
     np.testing.assert_array_equal(fn(*args), values)
     assert case.checks["same_set_as_argpartition"]
+
+
+def test_profile_round_reports_the_programs_ops(tmp_path):
+    # In a subprocess: the old XLA:CPU runtime traces ops only with a flag set before jax
+    # starts. The ops' times must add up to something, and runtime/Python events are left out.
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "profile.json"
+    args = ["--clients", "3", "--dim", "5000", "--rounds", "2", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.profile_round", *args],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["clients"] == 3 and result["d"] == 5000 and result["rounds"] == 2
+    assert result["ops"] and result["ops_ms_per_round"] > 0
+    names = [row["op"] for row in result["ops"]]
+    assert not any("Execute" in n or n.startswith("$") for n in names), names[:10]
+    assert abs(sum(row["ms_per_round"] for row in result["ops"]) - result["ops_ms_per_round"]) < 0.1
+    assert result["wall_ms_per_round"] > 0 and "traced ops per round" in done.stdout

@@ -1,0 +1,125 @@
+"""Where a compressed round's time goes, op by op: `python -m bench.profile_round`.
+
+Runs the pipeline suite's round (top-k 1% + error feedback + 8 bits, same inputs) under
+`jax.profiler`, reads the trace back and prints the compiled program's top-level ops (XLA's
+names: `while.N` is a loop, e.g. the per-client work or a scatter; `call.N` a parallel fusion,
+e.g. a pass over `[C, d]`; `custom-call` the sample's `lax.top_k`) by time per round, with
+the round's total. Writes the table as JSON too. Match the names to the code with
+`XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text` (the `*after_optimizations.txt` file
+of `jit_run`).
+
+On jaxlib < 0.4.32 (the old XLA:CPU runtime) ops are only traced with
+`--xla_cpu_enable_xprof_traceme=true`, which this module adds to `XLA_FLAGS` before jax
+starts; newer jaxlibs trace their thunks anyway. Timings under the profiler are a little
+slower than without; compare ops with each other, and rounds with `--suite pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+).strip()
+
+import jax  # noqa: E402 (XLA_FLAGS first)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fedkernels as fk  # noqa: E402
+from bench.suite_pipeline import round_inputs, round_options  # noqa: E402
+
+# Trace events that are not ops of the compiled program (runtime, Python, profiler).
+_NOT_OPS = ("Execute", "PjitFunction", "$")
+
+
+def profile(num_clients: int, d: int, rounds: int) -> dict:
+    """Per-op milliseconds per round of the pipeline suite's round, from a profiler trace."""
+    updates, residuals = map(jnp.asarray, round_inputs(num_clients, d))
+    ids = jnp.arange(num_clients, dtype=jnp.int32)
+    key = jax.random.PRNGKey(0)
+    comp = fk.compressor({"w": jax.ShapeDtypeStruct((d,), jnp.float32)}, **round_options(d))
+
+    def run():
+        res = comp.round({"w": updates}, key, client_ids=ids, residuals=residuals)
+        jax.block_until_ready((res.mean, res.residuals))
+
+    run()  # compile
+    run()  # warm buffers
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            walls = []
+            for i in range(rounds):
+                print(f"[profile] round {i + 1}/{rounds}", file=sys.stderr, flush=True)
+                start = time.perf_counter()
+                run()
+                walls.append((time.perf_counter() - start) * 1e3)
+        (path,) = Path(tmp).glob("**/*.trace.json.gz")
+        trace = json.load(gzip.open(path))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ops = [
+        e for e in events
+        if e.get("ph") == "X" and not any(s in e.get("name", "") for s in _NOT_OPS)
+    ]
+    # Top-level ops only: newer runtimes also trace the ops inside a loop's body, which the
+    # loop's own time already holds (nesting is told per thread; ops on different threads
+    # may overlap, so their sum can exceed the wall time).
+    ops.sort(key=lambda e: (e.get("pid"), e.get("tid"), e["ts"], -e["dur"]))
+    total = collections.Counter()
+    calls = collections.Counter()
+    outer_end: dict = {}
+    for event in ops:
+        thread = (event.get("pid"), event.get("tid"))
+        if event["ts"] < outer_end.get(thread, float("-inf")):
+            continue  # inside an op already counted
+        outer_end[thread] = event["ts"] + event["dur"]
+        total[event["name"]] += event["dur"] / 1e3 / rounds
+        calls[event["name"]] += 1
+    ops = [
+        {"op": name, "ms_per_round": round(ms, 3), "calls_per_round": calls[name] / rounds}
+        for name, ms in total.most_common()
+    ]
+    return {
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "clients": num_clients,
+        "d": d,
+        "rounds": rounds,
+        "options": round_options(d),
+        "wall_ms_per_round": round(float(np.median(walls)), 3),
+        "ops_ms_per_round": round(sum(total.values()), 3),
+        "ops": ops,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_round", description=__doc__)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--top", type=int, default=15, help="ops printed")
+    parser.add_argument("--out", type=Path, default=Path("results/bench/profile_round.json"))
+    args = parser.parse_args(argv)
+    fk.keep_host_memory()
+    result = profile(args.clients, args.dim, args.rounds)
+    print(f"jax {result['jax']}, C={args.clients}, d={args.dim}: round "
+          f"{result['wall_ms_per_round']:.1f} ms under the profiler (median), "
+          f"{result['ops_ms_per_round']:.1f} ms of traced ops per round")
+    for row in result["ops"][: args.top]:
+        print(f"{row['ms_per_round']:9.1f} ms  x{row['calls_per_round']:<6g} {row['op'][:80]}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
