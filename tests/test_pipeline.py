@@ -344,6 +344,32 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
         raising.round(updates, KEY, residuals=residuals)
 
 
+@pytest.mark.parametrize("residual_dtype", [jnp.float32, jnp.bfloat16])
+def test_top_k_round_flat_and_2d_indexing_agree(residual_dtype, selection, monkeypatch):
+    """The top-k round gathers and scatters through flat int32 positions while `C * d_s` fits
+    (`FLAT_INDEX_LIMIT`), through 2-D indices beyond: both give the same round, including an
+    excluded client's restored residual, with and without quantization."""
+    c = 5
+    updates = make_updates(c, seed=7)
+    updates["w"] = updates["w"].at[2, 0, 0].set(jnp.nan)
+    residuals = jnp.asarray(
+        np.random.default_rng(8).normal(size=(c, D_SPARSE)), jnp.float32
+    ).astype(residual_dtype)
+    results = []
+    for limit in (_pipeline.FLAT_INDEX_LIMIT, 0):
+        monkeypatch.setattr(_pipeline, "FLAT_INDEX_LIMIT", limit)
+        for bits in (8, None):
+            _pipeline._build.cache_clear()
+            comp = fk.compressor(TEMPLATE, **{**EF8, "bits": bits})
+            results.append(comp.round(updates, KEY, residuals=residuals))
+    for flat, two_d in zip(results[:2], results[2:], strict=True):
+        np.testing.assert_array_equal(flat.residuals, two_d.residuals)
+        np.testing.assert_array_equal(flat.residuals[2], residuals[2].astype(jnp.float32))
+        for leaf in ("w", "b"):
+            np.testing.assert_array_equal(flat.mean[leaf], two_d.mean[leaf])
+        assert np.asarray(flat.metrics.excluded).tolist() == [False, False, True, False, False]
+
+
 @pytest.mark.parametrize("d", [100, 16_384, 16_384 * 3 + 77])
 def test_row_norms_match_float64(d):
     """The residual norm's blocked loop (rows of 16384 or more), its tail, and short rows."""
