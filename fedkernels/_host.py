@@ -10,26 +10,38 @@ unmapped when it is freed.
 `keep_host_memory()` tells glibc to serve large allocations from the heap and keep freed memory
 instead of returning it to the kernel, so buffers are reused warm. The cost is that the
 process's resident memory stays at its peak. It changes a process-wide setting, so it is
-opt-in: the benchmarks and the simulation call it, importing fedkernels never does.
+opt-in: the benchmarks call it, importing fedkernels never does.
 
-jax 0.10.2 does not go through glibc for large buffers: `strace` shows an `mmap` of every
-400 MB output on every call whatever this setting, and each call takes 97,657 minor page
-faults (a jitted negation of 1e8 float32: 5.6 GB/s read+write, against 24 GB/s on jax 0.4.30
-with this setting; measured 2026-12-02). There, the setting only helps NumPy, and the bench's
-copy bandwidth on the device comes out at about 5.5 GB/s.
+jax 0.10.2 runs its kernels on worker threads, and glibc gives each thread its own arena
+(up to 8 per core). An arena other than the main one serves a block larger than its 64 MB heaps
+with a fresh `mmap` whatever `M_MMAP_MAX` says, so there the setting alone did nothing: a
+jitted negation of 1e8 float32 took 121-137 ms and 97,657 minor page faults per call with it
+or without it. `keep_host_memory()` therefore also sets `M_ARENA_MAX` to 1, which binds every
+thread that has not allocated yet to the main arena: the same negation then takes 23-35 ms
+with no page fault (measured 2026-12-03; `tests/test_host.py` checks the page faults), and
+the top-k 1% + error feedback + 8-bit round for C=100, d=1e6 189-216 ms against 368-443 ms. Threads
+that allocated before the call keep their arenas: call it before the first JAX computation.
+The costs: one arena means one lock for every thread's `malloc` (XLA allocates a few buffers
+per kernel, not per element), and the heap only grows, so an occasional round that needs a
+bigger block than the heap holds still faults it in.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import warnings
 
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 _DEFAULT_MMAP_MAX = 65536
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
+# glibc's default arena limit on 64-bit, 8 per core (mallopt ignores 0, so it is spelled out).
+_DEFAULT_ARENAS_PER_CORE = 8
 
 _state = {"enabled": False}
 
@@ -51,6 +63,8 @@ def keep_host_memory(enable: bool = True) -> bool:
 
     Large arrays on CPU are otherwise mapped and faulted in afresh on every call, which can
     cost more than the kernel itself (see this module's docstring for the measurement).
+    Call it before the first JAX computation: it also limits glibc to one arena, and the
+    threads JAX starts with its backend must not have allocated from their own arenas yet.
     `enable=False` restores glibc's defaults. Process-wide and opt-in.
 
     Returns:
@@ -63,14 +77,39 @@ def keep_host_memory(enable: bool = True) -> bool:
     if libc is None:
         return False
     if enable:
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+        ok = (
+            libc.mallopt(_M_ARENA_MAX, 1) == 1
+            and libc.mallopt(_M_MMAP_MAX, 0) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+        )
     else:
         ok = (
-            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
+            libc.mallopt(_M_ARENA_MAX, _DEFAULT_ARENAS_PER_CORE * (os.cpu_count() or 1)) == 1
+            and libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
             and libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD) == 1
         )
     _state["enabled"] = bool(enable and ok)
+    if enable and ok and _backend_started():
+        warnings.warn(
+            "keep_host_memory() was called after JAX's backend started: threads that already "
+            "allocated keep their own glibc arenas, which map large buffers afresh on every "
+            "call (jax 0.10.2); call it before the first JAX computation",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return bool(ok)
+
+
+def _backend_started() -> bool:
+    """Whether JAX has created a backend (and its threads) in this process."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # a jax without this module: nothing to tell
+        return False
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if started is not None else False
 
 
 def host_memory_kept() -> bool:
