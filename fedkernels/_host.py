@@ -7,8 +7,8 @@ buffer with `malloc`, and glibc serves allocations above its mmap threshold (at 
 with a fresh `mmap`: every page of every large buffer is faulted in again on every call and
 unmapped when it is freed.
 
-`keep_host_memory()` tells glibc to serve large allocations from the heap and keep freed memory
-instead of returning it to the kernel, so buffers are reused warm. The cost is that the
+`keep_host_memory()` tells glibc to serve large allocations from the heap and never to give
+freed memory back to the kernel, so buffers are reused warm. The cost is that the
 process's resident memory stays at its peak. It changes a process-wide setting, so it is
 opt-in: the benchmarks call it, importing fedkernels never does.
 
@@ -18,12 +18,18 @@ with a fresh `mmap` whatever `M_MMAP_MAX` says, so there the setting alone did n
 jitted negation of 1e8 float32 took 121-137 ms and 97,657 minor page faults per call with it
 or without it. `keep_host_memory()` therefore also sets `M_ARENA_MAX` to 1, which binds every
 thread that has not allocated yet to the main arena: the same negation then takes 23-35 ms
-with no page fault (measured 2026-12-03; `tests/test_host.py` checks the page faults), and
-the top-k 1% + error feedback + 8-bit round for C=100, d=1e6 189-216 ms against 368-443 ms. Threads
-that allocated before the call keep their arenas: call it before the first JAX computation.
+with no page fault (measured 2026-12-03; `tests/test_host.py` checks the page faults).
+Threads that allocated before the call keep their arenas: call it before the first JAX
+computation. With one arena, trimming the heap's top (glibc's default, and this module's
+earlier 1 GB threshold) made rounds that alternate different programs grow the heap again and
+again, and many threads faulting freshly grown heap in at once are slow: so nothing is
+trimmed. `python3 dev.py bench --stack latest --suite pipeline` (2026-12-03, AMD EPYC, 2
+cores), the top-k 1% + error feedback + 8-bit round for C=100, d=1e6 against the per-client
+NumPy loop in the same run: 330 ms against 1278 ms without the arena limit, 473 ms against
+1570 ms with it and the 1 GB threshold, 188 ms against 1103 ms with both changes.
 The costs: one arena means one lock for every thread's `malloc` (XLA allocates a few buffers
-per kernel, not per element), and the heap only grows, so an occasional round that needs a
-bigger block than the heap holds still faults it in.
+per kernel, not per element), and a call that needs a block bigger than the heap's largest
+free one still grows it and faults the new part in.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _DEFAULT_MMAP_MAX = 65536
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_NEVER_TRIM = -1  # mallopt's int -1 becomes SIZE_MAX: the heap's top is never trimmed
 # glibc's default arena limit on 64-bit, 8 per core (mallopt ignores 0, so it is spelled out).
 _DEFAULT_ARENAS_PER_CORE = 8
 
@@ -80,7 +87,7 @@ def keep_host_memory(enable: bool = True) -> bool:
         ok = (
             libc.mallopt(_M_ARENA_MAX, 1) == 1
             and libc.mallopt(_M_MMAP_MAX, 0) == 1
-            and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
         )
     else:
         ok = (
