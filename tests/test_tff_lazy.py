@@ -56,3 +56,33 @@ def test_unknown_name_is_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fedkernels.tff.nope  # noqa: B018
+
+
+def test_a_worker_that_ignores_sigint_is_killed():
+    """`stop_process`: SIGINT first; a process still running after the timeout is killed, so
+    stopping TFF's workers never hangs (a busy worker_binary ignored SIGINT for minutes)."""
+    from fedkernels.tff import _deps
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import signal, time
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print("ready", flush=True)
+            time.sleep(120)
+            """
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"  # SIGINT is ignored from here on
+        _deps.stop_process(stubborn, timeout=1.0)
+        assert stubborn.returncode == -9  # SIGKILL, after SIGINT did nothing
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+        stubborn.stdout.close()
+
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    _deps.stop_process(polite, timeout=30.0)
+    assert polite.returncode != -9  # SIGINT was enough (KeyboardInterrupt exits with 1)
