@@ -3,6 +3,7 @@ and a clear ImportError naming the `tff` extra when TFF is missing. Runs on both
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -83,6 +84,25 @@ def test_a_worker_that_ignores_sigint_is_killed():
             stubborn.kill()
         stubborn.stdout.close()
 
-    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    _deps.stop_process(polite, timeout=30.0)
-    assert polite.returncode != -9  # SIGINT was enough (KeyboardInterrupt exits with 1)
+    # A child started from a background shell inherits SIGINT ignored (CI may run us so), so
+    # this one sets Python's own handler explicitly.
+    polite = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import signal, time
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("ready", flush=True)
+            time.sleep(120)
+            """
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert polite.stdout.readline().strip() == "ready"
+        _deps.stop_process(polite, timeout=30.0)
+        # SIGINT was enough: an uncaught KeyboardInterrupt ends Python by SIGINT itself.
+        assert polite.returncode == -signal.SIGINT
+    finally:
+        if polite.poll() is None:
+            polite.kill()
+        polite.stdout.close()

@@ -70,8 +70,9 @@ def stop_local_workers() -> int:
 
 def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGINT (the worker's own shutdown), then SIGKILL if it has not exited after `timeout`
-    seconds: a worker still busy with queued work ignored SIGINT for minutes (2026-12-03, at
-    the end of `--suite tff`, holding 4.9 GB and a core)."""
+    seconds. A worker ignored SIGINT for minutes at the end of `--suite tff` (2026-12-03,
+    holding 4.9 GB and a core): that bench was started from a background shell, whose
+    children inherit SIGINT ignored."""
     import signal
 
     process.send_signal(signal.SIGINT)
