@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -51,24 +53,32 @@ def test_missing_tff_names_the_extra():
 
 
 def test_unknown_name_is_attribute_error():
-    import pytest
-
     import fedkernels.tff
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fedkernels.tff.nope  # noqa: B018
 
 
-def test_a_worker_that_ignores_sigint_is_killed():
+# A child started from a background shell inherits SIGINT ignored (CI may run us so), so each
+# child sets its SIGINT handler itself: ignored, or Python's own KeyboardInterrupt.
+@pytest.mark.parametrize(
+    "handler, timeout, returncode",
+    [
+        ("SIG_IGN", 1.0, -signal.SIGKILL),  # SIGINT did nothing: killed after the timeout
+        # SIGINT was enough: an uncaught KeyboardInterrupt ends Python by SIGINT itself.
+        ("default_int_handler", 30.0, -signal.SIGINT),
+    ],
+)
+def test_stop_process_kills_a_worker_that_ignores_sigint(handler, timeout, returncode):
     """`stop_process`: SIGINT first; a process still running after the timeout is killed, so
-    stopping TFF's workers never hangs (a busy worker_binary ignored SIGINT for minutes)."""
+    stopping TFF's workers never hangs (a worker_binary ignored SIGINT for minutes)."""
     from fedkernels.tff import _deps
 
-    stubborn = subprocess.Popen(
+    child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(
-            """
+            f"""
             import signal, time
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.{handler})
             print("ready", flush=True)
             time.sleep(120)
             """
@@ -76,33 +86,10 @@ def test_a_worker_that_ignores_sigint_is_killed():
         stdout=subprocess.PIPE, text=True,
     )
     try:
-        assert stubborn.stdout.readline().strip() == "ready"  # SIGINT is ignored from here on
-        _deps.stop_process(stubborn, timeout=1.0)
-        assert stubborn.returncode == -9  # SIGKILL, after SIGINT did nothing
+        assert child.stdout.readline().strip() == "ready"  # the handler is set from here on
+        _deps.stop_process(child, timeout=timeout)
+        assert child.returncode == returncode
     finally:
-        if stubborn.poll() is None:
-            stubborn.kill()
-        stubborn.stdout.close()
-
-    # A child started from a background shell inherits SIGINT ignored (CI may run us so), so
-    # this one sets Python's own handler explicitly.
-    polite = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(
-            """
-            import signal, time
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("ready", flush=True)
-            time.sleep(120)
-            """
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert polite.stdout.readline().strip() == "ready"
-        _deps.stop_process(polite, timeout=30.0)
-        # SIGINT was enough: an uncaught KeyboardInterrupt ends Python by SIGINT itself.
-        assert polite.returncode == -signal.SIGINT
-    finally:
-        if polite.poll() is None:
-            polite.kill()
-        polite.stdout.close()
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()

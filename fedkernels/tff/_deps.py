@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import subprocess
 from types import ModuleType
 
@@ -73,8 +74,6 @@ def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
     seconds. A worker ignored SIGINT for minutes at the end of `--suite tff` (2026-12-03,
     holding 4.9 GB and a core): that bench was started from a background shell, whose
     children inherit SIGINT ignored."""
-    import signal
-
     process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=timeout)
