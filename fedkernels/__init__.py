@@ -1,9 +1,11 @@
 """fedkernels: JIT-compiled JAX kernels for federated aggregation.
 
 The core imports only jax and numpy. The TensorFlow Federated adapters live in
-`fedkernels.tff` and import TensorFlow lazily.
+`fedkernels.tff` and import TensorFlow lazily. `fedkernels.host` holds the process-wide host
+memory setting (`keep_host_memory`), which is not a kernel.
 """
 
+from fedkernels import host as host
 from fedkernels._client_state import (
     ResidualState,
     ResidualStore,
@@ -11,7 +13,6 @@ from fedkernels._client_state import (
     residual_store,
 )
 from fedkernels._flatten import Unflatten, flatten
-from fedkernels._host import host_memory_kept, keep_host_memory
 from fedkernels._masked import masked_mean, masked_sum
 from fedkernels._pipeline import (
     AggregateSums,
@@ -28,6 +29,10 @@ from fedkernels._quantize import Quantized, dequantize, pack_bits, quantize, unp
 from fedkernels._scatter import scatter, scatter_sum
 from fedkernels._sharding import client_mesh
 from fedkernels._topk import magnitude_key, top_k, top_k_with_feedback
+
+# Aliases kept for existing callers (bench/); the public home is `fedkernels.host`.
+from fedkernels.host import host_memory_kept as host_memory_kept
+from fedkernels.host import keep_host_memory as keep_host_memory
 
 __version__ = "0.1.0"
 
@@ -48,8 +53,6 @@ __all__ = [
     "compressor",
     "dequantize",
     "flatten",
-    "host_memory_kept",
-    "keep_host_memory",
     "magnitude_key",
     "masked_mean",
     "masked_sum",

@@ -156,13 +156,10 @@ def flatten(tree: Any, batch_ndim: int = 0, dtype: Any = None) -> tuple[jax.Arra
 def _concatenate(pieces: list[jax.Array]) -> jax.Array:
     """`jnp.concatenate(pieces, axis=-1)`, kept out of XLA:CPU's multithreaded loop emitter.
 
-    Measured (100 pieces of a float32 [1, 1e7] vector, 2 cores, np.concatenate 5 ms): a plain
-    concatenate takes 40 ms on jax 0.4.30, whose CPU backend splits any large op across
-    threads and then emits concatenate as a per-element search over the operands; in place
-    `dynamic_update_slice`s into a zeroed buffer take 7 ms there (the zeroing is an extra
-    write) and 11 ms on jax 0.10 (whose plain concatenate takes 6 ms). XLA:CPU does not split
-    ops inside a conditional's branches, and an unsplit concatenate is a `memcpy` per piece:
-    5 ms on 0.4.30, 6 ms on 0.10. So the concatenate runs as both branches of a `lax.cond`
+    On XLA:CPU a plain large concatenate can be split across threads and emitted as a
+    per-element search over the operands (jaxlib versions differ), while an unsplit
+    concatenate is a `memcpy` per piece; XLA:CPU does not split ops inside a conditional's
+    branches (bench case `flatten`). So the concatenate runs as both branches of a `lax.cond`
     on a runtime predicate (XLA folds the branch away if the predicate is a constant). Under
     `vmap` the predicate is batched and both branches run: correct, slower.
     """

@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from fedkernels import _validate
-from fedkernels._masked import fold_rows
+from fedkernels._loops import fold_rows
 
 MAX_BITS = 16
 

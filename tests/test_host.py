@@ -1,4 +1,5 @@
-"""`keep_host_memory`: applied on Linux/glibc, reversible, reported; results unchanged."""
+"""`fedkernels.host.keep_host_memory`: applied on Linux/glibc, reversible, reported; results
+unchanged."""
 
 from __future__ import annotations
 
@@ -10,19 +11,20 @@ import numpy as np
 import pytest
 
 import fedkernels as fk
+from fedkernels import host
 
 
 def test_keep_host_memory_applies_and_restores():
     jnp.zeros(1).block_until_ready()  # the backend has started
     try:
-        if sys.platform.startswith("linux") and fk._host._libc() is not None:
+        if sys.platform.startswith("linux") and host._libc() is not None:
             with pytest.warns(RuntimeWarning, match="before the first JAX computation"):
-                applied = fk.keep_host_memory()
+                applied = host.keep_host_memory()
         else:
-            applied = fk.keep_host_memory()
+            applied = host.keep_host_memory()
         assert isinstance(applied, bool)
-        if sys.platform.startswith("linux") and fk._host._libc() is not None:
-            assert applied and fk.host_memory_kept()
+        if sys.platform.startswith("linux") and host._libc() is not None:
+            assert applied and host.host_memory_kept()
         # Kernels give the same results with warm buffers (nothing but allocation changes).
         x = jax.random.normal(jax.random.PRNGKey(0), (3, 5000))
         got = jax.jit(lambda a: fk.top_k(a, 50))(x)
@@ -30,26 +32,27 @@ def test_keep_host_memory_applies_and_restores():
         np.testing.assert_array_equal(np.asarray(got[1]), want_idx)
         assert float(jnp.sum(jnp.abs(got[0]))) > 0
     finally:
-        restored = fk.keep_host_memory(False)
-    assert not fk.host_memory_kept()
+        restored = host.keep_host_memory(False)
+    assert not host.host_memory_kept()
     assert restored == applied
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_without_glibc_nothing_changes(monkeypatch):
-    monkeypatch.setattr(fk._host, "_libc", lambda: None)
-    assert fk.keep_host_memory() is False
-    assert not fk.host_memory_kept()
+    monkeypatch.setattr(host, "_libc", lambda: None)
+    assert host.keep_host_memory() is False
+    assert not host.host_memory_kept()
 
 
 _FAULTS_SCRIPT = """
 import resource, sys
 import fedkernels as fk
+from fedkernels import host
 if sys.argv[1] == "keep":
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # called before any computation: no warning
-        assert fk.keep_host_memory()
+        assert host.keep_host_memory()
 import jax, jax.numpy as jnp
 x = jnp.ones((25, 1_000_000), jnp.float32)  # 100 MB: far above glibc's mmap threshold
 neg = jax.jit(lambda a: -a)
@@ -65,7 +68,7 @@ print(min(faults[8:]))
 
 
 @pytest.mark.skipif(
-    not sys.platform.startswith("linux") or fk._host._libc() is None, reason="glibc only"
+    not sys.platform.startswith("linux") or host._libc() is None, reason="glibc only"
 )
 def test_kept_memory_reuses_large_buffers_on_every_stack():
     """With `keep_host_memory()` called first, a jitted op's 100 MB output reuses a warm buffer
@@ -86,3 +89,11 @@ def test_kept_memory_reuses_large_buffers_on_every_stack():
     pages = 25_000_000 * 4 // 4096
     assert faults("default") > pages // 2
     assert faults("keep") < pages // 100
+
+
+def test_host_setting_lives_in_its_own_module():
+    """The process-wide setting is `fedkernels.host`, not a kernel; the top-level names are
+    aliases of it (kept for existing callers) and stay out of `fedkernels.__all__`."""
+    assert fk.keep_host_memory is host.keep_host_memory
+    assert fk.host_memory_kept is host.host_memory_kept
+    assert "keep_host_memory" not in fk.__all__ and "host_memory_kept" not in fk.__all__

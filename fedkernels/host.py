@@ -1,35 +1,30 @@
 """Host (CPU) memory settings that decide how fast XLA:CPU kernels run on large arrays.
 
-Measured here (jax 0.4.30, 2 cores, glibc): a jitted `a + b` on two float32 `[20, 1e6]`
-arrays takes 40 to 45 ms, against 7 ms when its output goes to a donated buffer and 10 ms with
-this setting. The difference is page faults. XLA:CPU allocates every output and temporary
-buffer with `malloc`, and glibc serves allocations above its mmap threshold (at most 32 MB)
-with a fresh `mmap`: every page of every large buffer is faulted in again on every call and
-unmapped when it is freed.
+A process-wide glibc setting, not a kernel: it lives here, apart from the kernels in the
+`fedkernels` namespace (`fedkernels.keep_host_memory` remains as an alias for existing callers).
+
+XLA:CPU allocates every output and temporary buffer with `malloc`, and glibc serves
+allocations above its mmap threshold with a fresh `mmap`: every page of every large buffer is
+faulted in again on every call and unmapped when it is freed, which can cost more than the
+kernel itself (bench cases `masked_mean` and the pipeline suite's rounds, with and without
+`--host-memory keep`).
 
 `keep_host_memory()` tells glibc to serve large allocations from the heap and never to give
 freed memory back to the kernel, so buffers are reused warm. The cost is that the
 process's resident memory stays at its peak. It changes a process-wide setting, so it is
 opt-in: the benchmarks call it, importing fedkernels never does.
 
-jax 0.10.2 runs its kernels on worker threads, and glibc gives each thread its own arena
-(up to 8 per core). An arena other than the main one serves a block larger than its 64 MB heaps
-with a fresh `mmap` whatever `M_MMAP_MAX` says, so there the setting alone did nothing: a
-jitted negation of 1e8 float32 took 121-137 ms and 97,657 minor page faults per call with it
-or without it. `keep_host_memory()` therefore also sets `M_ARENA_MAX` to 1, which binds every
-thread that has not allocated yet to the main arena: the same negation then takes 23-35 ms
-with no page fault (measured 2026-12-03; `tests/test_host.py` checks the page faults).
-Threads that allocated before the call keep their arenas: call it before the first JAX
-computation. With one arena, trimming the heap's top (glibc's default, and this module's
-earlier 1 GB threshold) made rounds that alternate different programs grow the heap again and
-again, and many threads faulting freshly grown heap in at once are slow: so nothing is
-trimmed. `python3 dev.py bench --stack latest --suite pipeline` (2026-12-03, AMD EPYC, 2
-cores), the top-k 1% + error feedback + 8-bit round for C=100, d=1e6 against the per-client
-NumPy loop in the same run: 330 ms against 1278 ms without the arena limit, 473 ms against
-1570 ms with it and the 1 GB threshold, 188 ms against 1103 ms with both changes.
-The costs: one arena means one lock for every thread's `malloc` (XLA allocates a few buffers
-per kernel, not per element), and a call that needs a block bigger than the heap's largest
-free one still grows it and faults the new part in.
+Newer jaxlib versions run kernels on worker threads, and glibc gives each thread its own arena
+(up to 8 per core). An arena other than the main one serves a block larger than its heaps
+with a fresh `mmap` whatever `M_MMAP_MAX` says, so there the mmap setting alone does nothing.
+`keep_host_memory()` therefore also sets `M_ARENA_MAX` to 1, which binds every thread that has
+not allocated yet to the main arena (`tests/test_host.py` counts the page faults). Threads that
+allocated before the call keep their arenas: call it before the first JAX computation. With
+one arena, trimming the heap's top makes rounds that alternate different programs grow the
+heap again and again, and many threads faulting freshly grown heap in at once are slow: so
+nothing is trimmed. The costs: one arena means one lock for every thread's `malloc` (XLA
+allocates a few buffers per kernel, not per element), and a call that needs a block bigger
+than the heap's largest free one still grows it and faults the new part in.
 """
 
 from __future__ import annotations
@@ -69,7 +64,7 @@ def keep_host_memory(enable: bool = True) -> bool:
     """Keeps freed host memory in the process so XLA:CPU reuses warm buffers (glibc only).
 
     Large arrays on CPU are otherwise mapped and faulted in afresh on every call, which can
-    cost more than the kernel itself (see this module's docstring for the measurement).
+    cost more than the kernel itself (see this module's docstring).
     Call it before the first JAX computation: it also limits glibc to one arena, and the
     threads JAX starts with its backend must not have allocated from their own arenas yet.
     `enable=False` restores glibc's defaults. Process-wide and opt-in.
@@ -100,7 +95,8 @@ def keep_host_memory(enable: bool = True) -> bool:
         warnings.warn(
             "keep_host_memory() was called after JAX's backend started: threads that already "
             "allocated keep their own glibc arenas, which map large buffers afresh on every "
-            "call (jax 0.10.2); call it before the first JAX computation",
+            "call (jaxlib versions that run kernels on worker threads); call it before the "
+            "first JAX computation",
             RuntimeWarning,
             stacklevel=2,
         )
