@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -9,10 +10,17 @@ import jax.numpy as jnp
 
 from fedkernels import _validate
 
+# Longest 1-D operand the batched `scatter` builds (rows * d): its flat indices are int32, and
+# XLA:CPU does not index a longer dimension safely. Longer batches scatter into `[rows, d]`.
+_MAX_FLAT_LENGTH = 2**31 - 1
+
 
 def _check_sparse(
     values: Any, indices: Any, d: Any, checked: bool = False
-) -> tuple[jax.Array, jax.Array, int]:
+) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
+    """`(values, indices as int32, valid, d)`; `valid` is None when the indices are concrete
+    (checked here: all in range) and else the traced in-range mask, which callers use to drop
+    out-of-range entries (an int32 cast or a flat row offset would otherwise move them)."""
     values = _validate.as_array("values", values)
     indices = _validate.integer("indices", indices)
     d = _validate.static_int("d", d, 0, 2**31 - 1)
@@ -23,25 +31,28 @@ def _check_sparse(
         )
     _validate.min_ndim("values", values, 1, "[..., k]")
     _validate.indices_in_range("indices", indices, d)
-    if checked and indices.size and not _validate.is_concrete(indices):
+    if _validate.is_concrete(indices):
+        return values, indices.astype(jnp.int32), None, d
+    valid = _validate.in_range(indices, d)
+    if checked and indices.size:
         from jax.experimental import checkify
 
         checkify.check(
-            jnp.all((indices >= 0) & (indices < d)),
+            jnp.all(valid),
             "indices must be in [0, {d}), got min {lo} max {hi}",
             d=jnp.int32(d),
             lo=jnp.min(indices),
             hi=jnp.max(indices),
         )
-    return values, indices.astype(jnp.int32), d
+    return values, indices.astype(jnp.int32), valid, d
 
 
 def scatter(values: Any, indices: Any, d: int, *, checked: bool = False) -> jax.Array:
     """Dense rows from sparse (values, indices): `dense[..., indices[..., i]] += values[..., i]`.
 
     Args:
-      values: `[..., k]`, any numeric dtype (kept).
-      indices: int `[..., k]`, each in `[0, d)`.
+      values: `[..., k]`, any numeric dtype except bool (kept).
+      indices: int `[..., k]` (any integer dtype), each in `[0, d)`.
       d: static int, the dense length.
       checked: under `jit`, add a `checkify.check` that every index is in `[0, d)`; the caller
         wraps the jitted function in `jax.experimental.checkify.checkify` and calls
@@ -50,27 +61,53 @@ def scatter(values: Any, indices: Any, d: int, *, checked: bool = False) -> jax.
     Returns:
       `[..., d]` with the same dtype as `values`, zero where no index points. Duplicate indices
       in one row are summed (scatter-add), so `scatter(*top_k(x, k), d)` is exact because
-      `top_k` never repeats an index.
+      `top_k` never repeats an index. An empty batch gives an empty `[..., d]`.
+
+    Out-of-range indices: eagerly (concrete `indices`) they raise `ValueError`. Under `jit` or
+    `vmap` the indices cannot be inspected, and an entry whose index is outside `[0, d)`
+    (negative, `>= d`, or beyond int32 for wider index dtypes) is dropped: it changes no
+    coordinate of its own row or any other. `checked=True` turns them into an error under
+    `jax.experimental.checkify`.
 
     Raises:
-      ValueError: shapes differ, `d` out of range, or (when `indices` are concrete, i.e. not
-        under `jit`) an index outside `[0, d)`. Under `jit` the indices cannot be inspected;
-        out-of-range updates are dropped (XLA's `mode="drop"`), a documented policy; pass
-        `checked=True` to turn them into an error under `jax.experimental.checkify`.
-      TypeError: `indices` not integer.
+      ValueError: shapes differ, `d` out of range, or (concrete `indices`) an index outside
+        `[0, d)`.
+      TypeError: `indices` not integer, `values` bool.
 
     >>> import jax.numpy as jnp
     >>> scatter(jnp.array([2., -1.]), jnp.array([3, 0]), 5)
     Array([-1.,  0.,  0.,  2.,  0.], dtype=float32)
     """
-    values, indices, d = _check_sparse(values, indices, d, checked)
+    values, indices, valid, d = _check_sparse(values, indices, d, checked)
+    if values.dtype == jnp.bool_:
+        raise TypeError(
+            "values must be numeric, got dtype bool (duplicate indices add up): cast them, "
+            "e.g. values.astype(jnp.int32)"
+        )
     batch = values.shape[:-1]
-    rows = 1
-    for n in batch:
-        rows *= n
+    rows = math.prod(batch)
+    if rows == 0:
+        return jnp.zeros((*batch, d), values.dtype)
+    k = values.shape[-1]
+    indices = indices.reshape(rows, k)
+    values = values.reshape(rows, k)
+    valid = None if valid is None else valid.reshape(rows, k)
+    if rows * d > _MAX_FLAT_LENGTH:
+        # A `[rows, d]` scatter: every index stays within int32, and an index at d (the value
+        # out-of-range entries get) is dropped by its own row's bound.
+        if valid is not None:
+            indices = jnp.where(valid, indices, d)
+        rows_index = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, k))
+        dense = jnp.zeros((rows, d), values.dtype).at[rows_index, indices].add(
+            values, mode="drop"
+        )
+        return dense.reshape(*batch, d)
     # One 1-D scatter-add over all rows, offsets folded into the index: a single XLA scatter
-    # with one indexed dimension, which also converts through jax2tf without XLA ops.
-    flat_indices = indices.reshape(rows, -1) + (jnp.arange(rows, dtype=jnp.int32) * d)[:, None]
+    # with one indexed dimension, which also converts through jax2tf without XLA ops. An
+    # out-of-range entry goes to rows * d, past every row, and is dropped.
+    flat_indices = indices + (jnp.arange(rows, dtype=jnp.int32) * d)[:, None]
+    if valid is not None:
+        flat_indices = jnp.where(valid, flat_indices, rows * d)
     dense = jnp.zeros((rows * d,), values.dtype).at[flat_indices.reshape(-1)].add(
         values.reshape(-1), mode="drop"
     )
@@ -102,7 +139,8 @@ def scatter_sum(
 
     Raises:
       ValueError: shapes disagree, `values` not 2-D, weights of the wrong length or negative,
-        or a concrete index out of `[0, d)`.
+        or a concrete index out of `[0, d)`. Under `jit`/`vmap` an out-of-range entry is
+        dropped from both `total` and `count`, as in `scatter`.
       TypeError: non-integer indices, non-floating values.
 
     >>> import jax.numpy as jnp
@@ -112,13 +150,15 @@ def scatter_sum(
     (Array([1., 0., 5., 4.], dtype=float32), Array([1, 0, 2, 1], dtype=int32))
     """
     values = _validate.floating("values", values)
-    values, indices, d = _check_sparse(values, indices, d, checked)
+    values, indices, valid, d = _check_sparse(values, indices, d, checked)
     if values.ndim != 2:
         raise ValueError(f"values must be [C, k] (clients x entries), got {tuple(values.shape)}")
     num_clients = values.shape[0]
     acc_dtype = jnp.promote_types(values.dtype, jnp.float32)
     finite = jnp.isfinite(values)
     values = jnp.where(finite, values, 0).astype(acc_dtype)
+    if valid is not None:  # out of range under jit/vmap: index d, dropped from both sums
+        indices = jnp.where(valid, indices, d)
     flat_indices = indices.reshape(-1)
     if weights is None:
         contributions = finite.astype(jnp.int32)

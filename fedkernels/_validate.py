@@ -97,6 +97,16 @@ def indices_in_range(name: str, indices: jax.Array, d: int) -> None:
         raise ValueError(f"{name} must be in [0, {d - 1}] for d={d}, got {bad}")
 
 
+def in_range(indices: jax.Array, n: int) -> jax.Array:
+    """Bool mask `0 <= indices < n`, compared in the indices' own integer dtype, so that no
+    cast (a uint32 or int64 index to int32) can wrap an out-of-range index into range."""
+    info = jnp.iinfo(indices.dtype)
+    valid = indices >= 0 if info.min < 0 else jnp.ones(indices.shape, jnp.bool_)
+    if n <= info.max:
+        valid &= indices < jnp.asarray(n, indices.dtype)
+    return valid
+
+
 def weights_vector(name: str, weights: Any, num_clients: int) -> jax.Array:
     """Client weights: float[C], finite and >= 0 (checked when concrete)."""
     arr = as_array(name, weights)
