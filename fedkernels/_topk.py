@@ -52,13 +52,12 @@ def _check_top_k(x: Any, k: Any, method: str) -> tuple[jax.Array, int]:
 def _top_k_indices(x: jax.Array, k: int, method: str) -> jax.Array:
     """Indices (ascending) of the k largest magnitude keys per row, ties to the lower index."""
     if method == "auto":
-        # Measured on XLA:CPU (jax 0.4.30, 2 cores): lax.top_k on float keys wins below about
-        # 2e5 coordinates per row (d=1e5: 1.1 vs 1.5 ms), radix select above (d=1e6: 8 vs 15
-        # ms; [20, 1e6]: 143 vs 308 ms). Both give the same result.
+        # On XLA:CPU lax.top_k on float keys wins on short rows and radix select on long ones
+        # (bench case `top_k`, methods side by side). Both give the same result.
         method = "lax" if x.shape[-1] < AUTO_RADIX_MIN_LENGTH else "radix"
     if method == "lax":
         # lax.top_k breaks ties toward the lower index, which is the rule we document. The keys
-        # go back to float (|x| with NaN kept), where XLA:CPU's top_k is ~40x faster than on
+        # go back to float (|x| with NaN kept), where XLA:CPU's top_k is much faster than on
         # int32 and ranks NaN above Inf exactly as the integer keys do (tested).
         keys = magnitude_key(x)
         float_keys = lax.bitcast_convert_type(
@@ -133,9 +132,9 @@ def top_k(x: Any, k: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array
       x: float `[..., d]`; leading dimensions are batch (e.g. clients).
       k: static int in `[1, d]`.
       method: "auto" (default: "lax" for rows shorter than 2**18, "radix" from there on,
-        the crossover measured on XLA:CPU), "radix" (exact radix select: the k-th largest key
-        is found by counting passes over bit-packed masks, then the selection is compacted;
-        several times faster than `lax.top_k` on long rows, see `fedkernels/_radix.py`) or
+        the crossover of bench case `top_k` on XLA:CPU), "radix" (exact radix select: the k-th
+        largest key is found by counting passes over bit-packed masks, then the selection is
+        compacted; faster than `lax.top_k` on long rows, see `fedkernels/_radix.py`) or
         "lax" (`lax.top_k` on the magnitude keys, then a sort of the k indices). All methods
         return the same result.
 
@@ -155,6 +154,9 @@ def top_k(x: Any, k: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array
     (Array([-3.,  3.], dtype=float32), Array([1, 3], dtype=int32))
     """
     x, k = _check_top_k(x, k, method)
+    if x.size == 0:  # no rows (d >= 1 is checked): empty [..., k] results
+        shape = (*x.shape[:-1], k)
+        return jnp.zeros(shape, x.dtype), jnp.zeros(shape, jnp.int32)
     indices = _top_k_indices(x, k, method).astype(jnp.int32)
     return jnp.take_along_axis(x, indices, axis=-1), indices
 
@@ -179,8 +181,14 @@ def top_k_with_feedback(
 
     Returns:
       `(values, indices, new_residual)`: `[..., k]`, int32 `[..., k]` (ascending), `[..., d]`.
-      A non-finite entry of `acc` ranks first and is sent, so it does not stay in the
-      residual (the pipeline excludes such clients before this step).
+      Zero rows give empty results.
+
+    Non-finite entries follow the ranking of `top_k`: NaN first, then +-Inf, then finite
+    values. A row of `acc` with at most k non-finite entries sends all of them, so none stays
+    in `new_residual`. With more than k, k of them are sent (NaN before +-Inf, ties to the
+    lower index) and the others stay in `new_residual` unchanged (the invariant above holds
+    there too); they rank first again next round. The pipeline excludes clients with
+    non-finite updates before this step.
 
     Raises:
       TypeError, ValueError: as `top_k`; `residual` of another shape or dtype.
@@ -196,6 +204,9 @@ def top_k_with_feedback(
     if residual.dtype != x.dtype:
         raise TypeError(f"residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
     d = x.shape[-1]
+    if x.size == 0:  # no rows: empty selections, and the (empty) accumulated residual
+        values, indices = top_k(x, k, method=method)
+        return values, indices, x + residual
     if method == "lax" or (method == "auto" and d < AUTO_RADIX_MIN_LENGTH):
         acc = x + residual
         values, indices = top_k(acc, k, method="lax")

@@ -153,3 +153,42 @@ def test_methods_agree_with_reference_on_ties_and_signed_zeros(method):
         ref_values, ref_indices = ref.top_k(x, k)
         np.testing.assert_array_equal(np.asarray(indices), ref_indices)
         np.testing.assert_array_equal(np.asarray(values), ref_values)
+
+
+@pytest.mark.parametrize("run", RUNNERS.values(), ids=RUNNERS.keys())
+@pytest.mark.parametrize("method", ["auto", "lax", "radix"])
+def test_zero_rows_give_empty_results(run, method):
+    x = jnp.zeros((0, 4))
+    values, indices = run(fk.top_k, x, k=1, method=method)
+    assert values.shape == indices.shape == (0, 1)
+    assert values.dtype == jnp.float32 and indices.dtype == jnp.int32
+    values, indices, residual = run(fk.top_k_with_feedback, x, x, k=2, method=method)
+    assert values.shape == indices.shape == (0, 2) and indices.dtype == jnp.int32
+    assert residual.shape == (0, 4) and residual.dtype == jnp.float32
+    values, _ = run(fk.top_k, jnp.zeros((3, 0, 5), jnp.bfloat16), k=5, method=method)
+    assert values.shape == (3, 0, 5) and values.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("run", RUNNERS.values(), ids=RUNNERS.keys())
+@pytest.mark.parametrize("method", ["lax", "radix"])
+def test_feedback_rule_for_non_finite_entries(run, method):
+    """The docstring's rule: at most k non-finite entries are all sent; with more, k of them
+    are sent (NaN before +-Inf, ties to the lower index) and the rest stay in the residual."""
+    inf, nan = np.inf, np.nan
+    x = np.array(
+        [
+            [1.0, -inf, 3.0, nan, 5.0, inf],  # 3 non-finite, k=2: NaN and -Inf (lower index) sent
+            [1.0, inf, 3.0, -2.0, 5.0, 0.5],  # 1 non-finite: sent, with the largest finite one
+        ],
+        np.float32,
+    )
+    values, indices, residual = run(
+        fk.top_k_with_feedback, x, np.zeros_like(x), k=2, method=method
+    )
+    np.testing.assert_array_equal(np.asarray(indices), [[1, 3], [1, 4]])
+    np.testing.assert_array_equal(np.asarray(values), [[-inf, nan], [inf, 5.0]])
+    residual = np.asarray(residual)
+    np.testing.assert_array_equal(residual[0], [1.0, 0.0, 3.0, 0.0, 5.0, inf])
+    assert np.all(np.isfinite(residual[1]))
+    sent = np.asarray(fk.scatter(values, indices, 6))
+    np.testing.assert_array_equal(np.where(sent != 0, sent, residual), x)  # nothing lost
