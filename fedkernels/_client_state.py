@@ -41,11 +41,15 @@ def residual_memory_bytes(num_clients: int, d: int, dtype: Any = jnp.float32) ->
     return int(num_clients) * int(d) * jnp.dtype(dtype).itemsize
 
 
-def _check_ids(client_ids: Any, num_clients: int, cohort: int | None = None) -> jax.Array:
+def _check_ids(client_ids: Any, num_clients: int) -> jax.Array:
+    """int32 ids: checked when concrete; when traced, every id outside `[0, num_clients)`
+    (tested in its own dtype, before the cast) becomes -1, which gather and scatter skip."""
     ids = _validate.integer("client_ids", client_ids)
     if ids.ndim != 1:
         raise ValueError(f"client_ids must be [C], got shape {tuple(ids.shape)}")
-    if _validate.is_concrete(ids) and ids.size:
+    if not _validate.is_concrete(ids):
+        return jnp.where(_validate.in_range(ids, num_clients), ids.astype(jnp.int32), -1)
+    if ids.size:
         host = np.asarray(ids)
         if host.min() < 0 or host.max() >= num_clients:
             bad = host.min() if host.min() < 0 else host.max()
@@ -69,8 +73,7 @@ def residual_store(
     By default `scatter` updates the store in place: it donates the `[N, d]` buffer of the
     state it is given to the state it returns, so a round writes only the cohort's C rows.
     Without donation every round copies the whole store and holds it twice at the peak
-    (C=100 rows into N=2000 x d=1e5 float32, 800 MB: 8 ms in place against 78 to 88 ms
-    copying, `python -m bench --suite pipeline`).
+    (bench case `residual_store_update` in `python -m bench --suite pipeline`).
     The state passed to a donating `scatter` is consumed: use the returned one, as in
     `state = store.scatter(state, ...)`; using the old one raises `ValueError`. Pass
     `donate=False` to keep every state valid (pure, at the cost of that copy).
@@ -91,6 +94,11 @@ def residual_store(
       `gather(state, client_ids[C]) -> float32 [C, d]`, row c is client `client_ids[c]`'s;
       `scatter(state, client_ids[C], residuals[C, d]) -> ResidualState` with those rows
       replaced. Both are jitted; `gather` is pure, and so is `scatter` with `donate=False`.
+
+    Client ids out of `[0, N)`: with concrete ids, `gather` and `scatter` raise. Under `jit`
+    (traced ids, e.g. a cohort padded with -1) such an id is a padding slot: `gather` returns
+    a row of zeros for it and `scatter` skips its row, so no other client's residual is read
+    or overwritten.
 
     Raises:
       ValueError: `num_clients` < 1, `d` < 0, unknown dtype; at call time (concrete ids)
@@ -114,11 +122,16 @@ def residual_store(
     def init() -> ResidualState:
         return ResidualState(jnp.zeros((num_clients, d), dtype))
 
+    # `ids` come from `_check_ids`: each in [0, N), or -1 for a padding slot under jit. Both
+    # functions map -1 explicitly, since JAX indexing would wrap it to row N - 1.
     @jax.jit
     def _gather(residuals, ids):
-        return jnp.take(residuals, ids, axis=0).astype(jnp.float32)
+        present = ids >= 0
+        rows = jnp.take(residuals, jnp.where(present, ids, 0), axis=0)
+        return jnp.where(present[:, None], rows.astype(jnp.float32), 0)
 
     def _scatter_rows(residuals, ids, rows):
+        ids = jnp.where(ids >= 0, ids, num_clients)  # past the last row: dropped
         return residuals.at[ids].set(rows.astype(dtype), mode="drop")
 
     _scatter = jax.jit(_scatter_rows, donate_argnums=(0,) if donate else ())

@@ -95,6 +95,27 @@ def test_bad_ids_raise():
         store.scatter(state, jnp.array([1, 2]), jnp.zeros((2, 3)))
 
 
+@pytest.mark.parametrize("ids_dtype", [jnp.int32, jnp.uint32])
+def test_out_of_range_ids_under_jit_are_padding(ids_dtype):
+    """Traced ids outside [0, N) (a cohort padded with -1, or uint32 2**32-1) never read or
+    overwrite another client's row: gather gives zeros for them, scatter skips them."""
+    n, d = 4, 3
+    store = fk.residual_store(n, d, donate=False)
+    before = np.arange(1.0, 1.0 + n * d, dtype=np.float32).reshape(n, d)
+    state = store.scatter(store.init(), jnp.arange(n), before)
+    pad = 2**32 - 1 if ids_dtype == jnp.uint32 else -1
+    ids = jnp.array([pad, 1, n], ids_dtype)
+    rows = -np.ones((3, d), np.float32)
+    after = jax.jit(store.scatter)(state, ids, rows).residuals
+    expected = before.copy()
+    expected[1] = -1.0  # only the in-range id is written
+    np.testing.assert_array_equal(np.asarray(after), expected)
+    got = jax.jit(store.gather)(state, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.stack([np.zeros(d), before[1], np.zeros(d)]))
+    with pytest.raises(ValueError, match=r"client_ids must be in \[0, 3\], got -1"):
+        store.scatter(state, jnp.array([-1, 1]), rows[:2])  # eagerly: still an error
+
+
 def test_residuals_follow_client_ids_across_shuffled_cohorts():
     """Rounds with shuffled cohorts of a 12-client population, top-k with error feedback,
     against a NumPy float64 per-client-id reference; the cohort order must not matter."""
