@@ -211,3 +211,86 @@ def test_small_blocks_and_steps_agree_with_scan_fallback(monkeypatch):
         got, _ = _sequential_float32_reference(x, w)
         if w is None:
             np.testing.assert_array_equal(np.asarray(numerator), got)
+
+
+def _vmapped(f, *args):
+    """`f` under `vmap` over a group axis of size 1 (the group's result)."""
+    batched = [None if a is None else np.asarray(a)[None] for a in args]
+    return jax.tree_util.tree_map(lambda r: r[0], jax.vmap(f)(*batched))
+
+
+OVERFLOW_RUNNERS = {**RUNNERS, "vmap": _vmapped}
+
+
+def _float64_sums(x, weights=None):
+    x = np.asarray(x, np.float64)
+    w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, np.float64)
+    contributes = np.isfinite(x) & (x != 0)
+    w_c = np.where(contributes, w.reshape(-1, *([1] * (x.ndim - 1))), 0.0)
+    return (w_c * np.where(contributes, x, 0)).sum(0), w_c.sum(0)
+
+
+@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+def test_overflowing_sums_give_the_mean_and_saturate(run):
+    big = np.finfo(np.float32).max
+    # Column 0 overflows at the end, column 1 in the middle of client order, column 2 not.
+    x = np.array([[3e38, 3e38, 1.5], [3e38, 3e38, 2.5], [3e38, -3e38, 0.0]], np.float32)
+    mean = np.asarray(run(fk.masked_mean, x, None))
+    np.testing.assert_allclose(mean, [3e38, 1e38, 2.0], rtol=1e-6)
+    numerator, count = run(fk.masked_sum, x, None)
+    np.testing.assert_allclose(np.asarray(numerator), [big, 3e38, 4.0], rtol=1e-6)
+    assert np.asarray(numerator)[0] == big  # saturated, not inf
+    np.testing.assert_array_equal(np.asarray(count), [3, 3, 2])
+    numerator, _ = run(fk.masked_sum, -x[:2], None)
+    assert np.asarray(numerator)[0] == -big
+    # Weights whose sum overflows: only their ratios matter for the mean.
+    w = np.array([2e38, 2e38, 1e38], np.float32)
+    mean = np.asarray(run(fk.masked_mean, x, w))
+    want = _float64_sums(x, w)
+    np.testing.assert_allclose(mean, want[0] / want[1], rtol=1e-6)
+    numerator, denominator = run(fk.masked_sum, x, w)
+    np.testing.assert_array_equal(np.asarray(numerator), [big, big, big])
+    np.testing.assert_array_equal(np.asarray(denominator), [big, big, big])
+    mean = np.asarray(run(fk.masked_mean, np.ones((2, 1), np.float32), np.array([2e38, 2e38])))
+    np.testing.assert_array_equal(mean, [1.0])
+
+
+def test_overflow_leaves_other_coordinates_bit_for_bit():
+    rng = np.random.default_rng(12)
+    x = _with_non_finite(rng, (23, 8209))
+    w = rng.uniform(0, 2, size=23).astype(np.float32)
+    plain = [np.asarray(a) for a in (fk.masked_mean(x, w), *fk.masked_sum(x, w))]
+    x[:, 17] = 3e38  # one coordinate overflows: the scaled pass runs, for it alone
+    mixed = [np.asarray(a) for a in (fk.masked_mean(x, w), *fk.masked_sum(x, w))]
+    others = np.arange(x.shape[1]) != 17
+    for got, want in zip(mixed, plain, strict=True):
+        np.testing.assert_array_equal(got[others], want[others])
+    np.testing.assert_allclose(mixed[0][17], 3e38, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_finite_inputs_near_the_range_match_float64(weighted):
+    rng = np.random.default_rng(13 + weighted)
+    x = (rng.uniform(-1, 1, size=(37, 300)) * 3.4e38).astype(np.float32)
+    x[:, :100] = rng.normal(size=(37, 100))  # ordinary columns beside
+    x[rng.uniform(size=x.shape) < 0.2] = 0.0
+    w = (rng.uniform(0, 1, size=37) * 3e38).astype(np.float32) if weighted else None
+    mean = np.asarray(fk.masked_mean(x, w), np.float64)
+    numerator = np.asarray(fk.masked_sum(x, w)[0], np.float64)
+    assert np.all(np.isfinite(mean)) and np.all(np.isfinite(numerator))
+    want_num, want_den = _float64_sums(x, w)
+    assert np.all(want_den > 0)
+    # float32 sums of 37 terms: the error is relative to the sum of the terms' magnitudes.
+    bound = _float64_sums(np.abs(x), w)[0]
+    np.testing.assert_array_less(np.abs(mean - want_num / want_den), 1e-5 * bound / want_den)
+    big = np.finfo(np.float32).max
+    np.testing.assert_array_less(
+        np.abs(numerator - np.clip(want_num, -big, big)), 1e-5 * bound + 1e-30
+    )
+
+
+def test_bfloat16_near_its_range_gives_the_mean():
+    x = jnp.array([[3e38], [3e38]], jnp.bfloat16)
+    mean = fk.masked_mean(x)
+    assert mean.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(mean, np.float32), np.asarray(x[0], np.float32))
