@@ -46,7 +46,9 @@ KINDS = ["normal", "ties", "few_values", "all_equal", "zeros", "nonfinite", "sor
 
 
 @functools.cache
-def _jitted_top_k(k: int, method: str):
+def _jitted_top_k(k: int, method: str, rows: str):
+    # `rows` (`_radix.ROWS`, read at trace time) is only part of the key: one jitted function,
+    # so one compilation per shape, for each row mode.
     return jax.jit(functools.partial(fk.top_k, k=k, method=method))
 
 
@@ -61,7 +63,7 @@ def _jitted_radix_indices(k: int, capacity: int):
 
 
 def _check_top_k(x: np.ndarray, k: int, method: str = "radix", jit: bool = True) -> None:
-    fn = _jitted_top_k(k, method) if jit else lambda a: fk.top_k(a, k, method=method)
+    fn = _jitted_top_k(k, method, _radix.ROWS) if jit else lambda a: fk.top_k(a, k, method=method)
     values, indices = fn(jnp.asarray(x))
     want_values, want_indices = ref.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(indices), want_indices)
@@ -89,7 +91,6 @@ def test_radix_top_k_sampled_rows_equal_reference(kind, k):
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "all_equal"])
 def test_radix_top_k_batched_rows_equal_reference(kind, rows, monkeypatch):
     monkeypatch.setattr(_radix, "ROWS", rows)
-    _jitted_top_k.cache_clear()
     _check_top_k(_rows(kind, (3, 2, 70_001)), 500)
     _check_top_k(_rows(kind, (4, 50)), 10, jit=False)
 
