@@ -90,16 +90,62 @@ def run(args: list[str]) -> None:
     call([python, "-m", "fedkernels.simulate", *args], env=base_env())
 
 
+def start_pytest(python: Path, args: list[str], log_file) -> subprocess.Popen:
+    """pytest in the background, its output into `log_file` (printed when it is done)."""
+    cmd = [str(python), "-m", "pytest", *args]
+    log("$ " + " ".join(cmd) + f"  (output: {log_file.name}, shown when done)")
+    return subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=log_file,
+                            stderr=subprocess.STDOUT)
+
+
 def test(args: list[str]) -> None:
+    """Lint, then pytest on both stacks at once, each in its own process.
+
+    The two runs overlap (and the newest stack is set up while the locked one already runs):
+    on a 2-core machine two pytest processes finish sooner than one after the other, since
+    much of each run is single-threaded XLA compilation. Each stack's output is kept apart
+    and printed in order; a failure of either fails the command.
+    """
+    import tempfile
+
     python = locked_python()
     call([python, "-m", "ruff", "check", "."])
-    log("stack 1/2: locked TFF stack (Python 3.11, TFF 0.87, jax 0.4.30): all tests")
-    versions(python)
-    call([python, "-m", "pytest", *args], env=base_env())
-    log("stack 2/2: newest jax, numpy 2, no TensorFlow: core tests, TFF tests skipped")
-    python = latest_python()
-    versions(python)
-    call([python, "-m", "pytest", *args], env=base_env())
+    stacks = [
+        ("stack 1/2: locked TFF stack (Python 3.11, TFF 0.87, jax 0.4.30): all tests", python),
+        ("stack 2/2: newest jax, numpy 2, no TensorFlow: core tests, TFF tests skipped", None),
+    ]
+    runs: list[tuple[str, subprocess.Popen, object, float]] = []
+    try:
+        for title, stack_python in stacks:
+            log(title)
+            if stack_python is None:
+                stack_python = latest_python()
+            versions(stack_python)
+            log_file = tempfile.NamedTemporaryFile(
+                "w+b", prefix="fedkernels-pytest-", suffix=".log"
+            )
+            runs.append((title, start_pytest(stack_python, args, log_file), log_file,
+                         time.perf_counter()))
+        failed = []
+        for title, proc, log_file, start in runs:
+            code = proc.wait()
+            log(f"{title}: pytest exited {code} after {time.perf_counter() - start:.0f} s")
+            log_file.seek(0)
+            sys.stdout.flush()
+            sys.stdout.buffer.write(log_file.read())
+            sys.stdout.flush()
+            if code != 0:
+                failed.append((title.split(":")[0], code))
+        if failed:
+            for name, code in failed:
+                log(f"failed: {name} (pytest exit code {code})")
+            sys.exit(1)
+    finally:
+        for _, proc, log_file, _ in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log_file.close()
 
 
 def bench(args: list[str]) -> None:

@@ -46,8 +46,16 @@ KINDS = ["normal", "ties", "few_values", "all_equal", "zeros", "nonfinite", "sor
 
 
 @functools.cache
-def _jitted_top_k(k: int, method: str):
+def _jitted_top_k(k: int, method: str, rows: str):
+    # `rows` (`_radix.ROWS`, read at trace time) is only part of the key: one jitted function,
+    # so one compilation per shape, for each row mode.
     return jax.jit(functools.partial(fk.top_k, k=k, method=method))
+
+
+@functools.cache
+def _jitted_feedback(k: int, method: str, rows: str):
+    # `rows`: only part of the key, as for `_jitted_top_k`.
+    return jax.jit(lambda a, r: fk.top_k_with_feedback(a, r, k, method=method))
 
 
 @functools.cache
@@ -61,7 +69,7 @@ def _jitted_radix_indices(k: int, capacity: int):
 
 
 def _check_top_k(x: np.ndarray, k: int, method: str = "radix", jit: bool = True) -> None:
-    fn = _jitted_top_k(k, method) if jit else lambda a: fk.top_k(a, k, method=method)
+    fn = _jitted_top_k(k, method, _radix.ROWS) if jit else lambda a: fk.top_k(a, k, method=method)
     values, indices = fn(jnp.asarray(x))
     want_values, want_indices = ref.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(indices), want_indices)
@@ -89,9 +97,9 @@ def test_radix_top_k_sampled_rows_equal_reference(kind, k):
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "all_equal"])
 def test_radix_top_k_batched_rows_equal_reference(kind, rows, monkeypatch):
     monkeypatch.setattr(_radix, "ROWS", rows)
-    _jitted_top_k.cache_clear()
     _check_top_k(_rows(kind, (3, 2, 70_001)), 500)
-    _check_top_k(_rows(kind, (4, 50)), 10, jit=False)
+    # Eagerly once per row mode: an eager call compiles its loops afresh each time.
+    _check_top_k(_rows(kind, (4, 50)), 10, jit=kind != "normal")
 
 
 @pytest.mark.parametrize("rows", ["map", "vmap"])
@@ -128,9 +136,9 @@ def test_radix_batch_mixing_trial_and_fallback_rows(rows, monkeypatch):
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite"])
 def test_radix_equals_lax_method(kind):
     x = jnp.asarray(_rows(kind, (2, 5000)))
-    for k in (1, 100, 5000):
-        fast = fk.top_k(x, k, method="radix")
-        slow = fk.top_k(x, k, method="lax")
+    for k in (1, 100, 5000):  # jitted: compiled once per k, not per call (eager recompiles)
+        fast = _jitted_top_k(k, "radix", _radix.ROWS)(x)
+        slow = _jitted_top_k(k, "lax", _radix.ROWS)(x)
         np.testing.assert_array_equal(np.asarray(fast[1]), np.asarray(slow[1]))
         np.testing.assert_array_equal(
             np.asarray(fast[0]).view(np.int32), np.asarray(slow[0]).view(np.int32)
@@ -145,8 +153,13 @@ def test_radix_feedback_matches_lax_and_conserves(kind, rows, monkeypatch):
     # The radix path zeroes the selection through its bit-packed mask, one row at a time.
     x = jnp.asarray(_rows(kind, (2, 3, 3001)))
     residual = jnp.asarray(_rows("normal", (2, 3, 3001)))
-    fast = fk.top_k_with_feedback(x, residual, 300, method="radix")
-    slow = fk.top_k_with_feedback(x, residual, 300, method="lax")
+    # Eagerly once per row mode, jitted (compiled once per mode) for the other kinds: an eager
+    # call compiles its loops afresh each time.
+    if kind == "normal":
+        fast = fk.top_k_with_feedback(x, residual, 300, method="radix")
+    else:
+        fast = _jitted_feedback(300, "radix", rows)(x, residual)
+    slow = _jitted_feedback(300, "lax", "any")(x, residual)
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
     if kind != "nonfinite":  # scatter(values) + new_residual == acc, bit for bit

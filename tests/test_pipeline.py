@@ -175,15 +175,23 @@ def test_error_feedback_residual_equals_reference_over_rounds(selection):
 # ------------------------------------------------------------------------------------------
 
 
+CONSERVATION_OPTIONS = {
+    "topk-8bit": {"top_k": 0.05, "bits": 8},
+    "4bit": {"bits": 4},
+    "randomk-8bit": {"top_k": 40, "random_k": True, "bits": 8},
+    "shared-range": {"top_k": 0.05, "bits": 4, "shared_range": (-1.0, 1.0)},
+}
+
+
 @pytest.mark.parametrize(
-    "options",
+    "options, any_selection",
     [
-        {"top_k": 0.05, "bits": 8},
-        {"bits": 4},
-        {"top_k": 40, "random_k": True, "bits": 8},
-        {"top_k": 0.05, "bits": 4, "shared_range": (-1.0, 1.0)},
+        pytest.param(options, selection, id=f"{name}-{selection}")
+        for name, options in CONSERVATION_OPTIONS.items()
+        # Without top_k nothing is selected: the three selections would compile one program.
+        for selection in (["lax", "radix", "radix-vmap"] if "top_k" in options else ["lax"])
     ],
-    ids=["topk-8bit", "4bit", "randomk-8bit", "shared-range"],
+    indirect=["any_selection"],
 )
 def test_error_feedback_conservation(options, any_selection):
     """decoded(sent_c) + new_residual_c == update_c + residual_c for every client."""
@@ -344,11 +352,16 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
         raising.round(updates, KEY, residuals=residuals)
 
 
-@pytest.mark.parametrize("residual_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "residual_dtype, selection", [(jnp.float32, "lax"), (jnp.bfloat16, "radix")],
+    indirect=["selection"],
+)
 def test_top_k_round_flat_and_2d_indexing_agree(residual_dtype, selection, monkeypatch):
     """The top-k round gathers and scatters through flat int32 positions while `C * d_s` fits
     (`FLAT_INDEX_LIMIT`), through 2-D indices beyond: both give the same round, including an
-    excluded client's restored residual, with and without quantization."""
+    excluded client's restored residual, with and without quantization. Each residual dtype
+    and each selection is run (paired, not crossed: the indexing comes after the selection
+    and the residual's cast, which do not depend on each other; each pair is 4 compilations)."""
     c = 5
     updates = make_updates(c, seed=7)
     updates["w"] = updates["w"].at[2, 0, 0].set(jnp.nan)

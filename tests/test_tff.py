@@ -69,6 +69,21 @@ def masked_mean_process():
 
 
 @pytest.fixture(scope="module")
+def counted_masked_mean_process():
+    return ft.MaskedMeanFactory(count_contributors=True).create(STRUCT_TYPE, WEIGHT_TYPE)
+
+
+MIXED_TYPE = tff.to_type(
+    collections.OrderedDict(h=tff.TensorType(np.float16, [3]), s=tff.TensorType(F32, [2, 2]))
+)
+
+
+@pytest.fixture(scope="module")
+def mixed_concat_process():
+    return ft.concat_factory(ft.MaskedMeanFactory()).create(MIXED_TYPE, WEIGHT_TYPE)
+
+
+@pytest.fixture(scope="module")
 def top_k_process():
     return ft.top_k_factory(k=7).create(STRUCT_TYPE, WEIGHT_TYPE)
 
@@ -81,7 +96,7 @@ def quantize_process():
 
 
 class TestTypeSignatures:
-    def test_masked_mean(self, masked_mean_process):
+    def test_masked_mean(self, masked_mean_process, counted_masked_mean_process):
         signature = masked_mean_process.next.type_signature
         assert signature.parameter[1] == tff.FederatedType(STRUCT_TYPE, tff.CLIENTS)
         assert signature.parameter[2] == tff.FederatedType(WEIGHT_TYPE, tff.CLIENTS)
@@ -89,7 +104,7 @@ class TestTypeSignatures:
         measurements = signature.result.measurements.member
         assert measurements.num_clients == tff.TensorType(np.int32)
         assert set(dir(measurements.contributors)) == {"mean", "uncovered"}
-        counted = ft.MaskedMeanFactory(count_contributors=True).create(STRUCT_TYPE, WEIGHT_TYPE)
+        counted = counted_masked_mean_process
         contributors = counted.next.type_signature.result.measurements.member.contributors
         assert set(dir(contributors)) == {"min", "max", "mean", "uncovered"}
         assert isinstance(ft.MaskedMeanFactory(), tff.aggregators.WeightedAggregationFactory)
@@ -111,18 +126,14 @@ class TestTypeSignatures:
         signature = quantize_process.next.type_signature
         assert signature.result.result == tff.FederatedType(STRUCT_TYPE, tff.SERVER)
 
-    def test_concat_weightedness_and_mixed_dtypes(self):
-        mixed = tff.to_type(
-            collections.OrderedDict(
-                h=tff.TensorType(np.float16, [3]), s=tff.TensorType(F32, [2, 2])
-            )
-        )
+    def test_concat_weightedness_and_mixed_dtypes(self, mixed_concat_process):
         weighted = ft.concat_factory(ft.MaskedMeanFactory())
         unweighted = ft.concat_factory(ft.quantize_above_threshold())
         assert isinstance(weighted, tff.aggregators.WeightedAggregationFactory)
         assert isinstance(unweighted, tff.aggregators.UnweightedAggregationFactory)
-        process = weighted.create(mixed, WEIGHT_TYPE)
-        assert process.next.type_signature.result.result == tff.FederatedType(mixed, tff.SERVER)
+        process = mixed_concat_process  # weighted.create(MIXED_TYPE, WEIGHT_TYPE)
+        result_type = process.next.type_signature.result.result
+        assert result_type == tff.FederatedType(MIXED_TYPE, tff.SERVER)
 
     def test_rejects_bad_arguments(self):
         with pytest.raises(ValueError, match="exactly one of k and fraction"):
@@ -139,12 +150,10 @@ class TestTypeSignatures:
 
 class TestExecution:
     @pytest.mark.parametrize("count_contributors", [False, True])
-    def test_masked_mean_against_numpy(self, masked_mean_process, count_contributors):
-        process = (
-            ft.MaskedMeanFactory(count_contributors=True).create(STRUCT_TYPE, WEIGHT_TYPE)
-            if count_contributors
-            else masked_mean_process
-        )
+    def test_masked_mean_against_numpy(
+        self, masked_mean_process, counted_masked_mean_process, count_contributors
+    ):
+        process = counted_masked_mean_process if count_contributors else masked_mean_process
         values = _client_values(1, density=0.4)
         values[2]["b"][3] = np.nan  # never contributes
         weights = [1.0, 2.0, 0.0, 3.0]  # a zero-weight client contributes nowhere
@@ -236,13 +245,8 @@ class TestExecution:
             assert np.max(np.abs(result["b"] - exact)) <= step * 1.0001
         np.testing.assert_allclose(ours["a"], theirs["a"], rtol=1e-6)
 
-    def test_concat_mixed_dtypes(self):
-        mixed = tff.to_type(
-            collections.OrderedDict(
-                h=tff.TensorType(np.float16, [3]), s=tff.TensorType(F32, [2, 2])
-            )
-        )
-        process = ft.concat_factory(ft.MaskedMeanFactory()).create(mixed, WEIGHT_TYPE)
+    def test_concat_mixed_dtypes(self, mixed_concat_process):
+        process = mixed_concat_process
         rng = np.random.default_rng(8)
         values = [
             collections.OrderedDict(
@@ -469,27 +473,6 @@ def test_fed_avg_with_keras_model_decreases_loss(make_aggregator):
         losses.append(float(output.metrics["client_work"]["train"]["loss"]))
     assert losses[-1] < losses[0], losses
     assert all(math.isfinite(v) for v in losses)
-
-
-def test_readme_drop_in_example():
-    # The README's "TFF drop-in" snippet, verbatim apart from the model and data helpers.
-    import tensorflow_federated as tff
-
-    import fedkernels.tff as fktff
-
-    model_fn, client_datasets = _keras_model_fn, _keras_client_data()
-
-    aggregator = fktff.compression_aggregator(top_k_fraction=0.01)  # top-k + masked mean
-    process = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn,
-        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.05),
-        model_aggregator=aggregator,
-    )
-    state = process.initialize()
-    for _ in range(3):
-        output = process.next(state, client_datasets)
-        state = output.state
-    print(output.metrics["client_work"]["train"]["loss"])
 
 
 class TestStagedKernels:
