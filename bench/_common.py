@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -271,8 +272,9 @@ def plot(path: Path | str, records: list[dict]) -> Path | None:
     """Time vs size, one line per implementation, one panel per op. Needs matplotlib.
 
     Records need `op`, `impl`, `size` (a number for the x axis) and `median` (seconds). An
-    op measured at a single size gets a bar per implementation instead (a log-log line
-    through one point has no axis to read). Returns None when matplotlib is not installed.
+    op measured at a single size gets a bar per implementation instead, labelled with its
+    time (a log-log line through one point has no axis to read). Returns None when
+    matplotlib is not installed.
     """
     rows = [r for r in records if r.get("median") is not None and r.get("size")]
     ops = sorted({r["op"] for r in rows})
@@ -289,14 +291,18 @@ def plot(path: Path | str, records: list[dict]) -> Path | None:
         sizes = sorted({r["size"] for r in mine})
         if len(sizes) == 1:
             bars = sorted(mine, key=lambda r: r["median"])
-            labels = [r["impl"][:40] for r in bars]
-            ax.barh(range(len(bars)), [1e3 * r["median"] for r in bars], color="tab:blue")
+            labels = [textwrap.fill(r["impl"], 26) for r in bars]
+            values = [1e3 * r["median"] for r in bars]
+            ax.barh(range(len(bars)), values, color="tab:blue")
+            for i, value in enumerate(values):  # the figure itself, not read off an axis
+                text = f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+                ax.text(value, i, f" {text} ms", va="center", fontsize=7)
             ax.set_yticks(range(len(bars)), labels, fontsize=7)
             ax.invert_yaxis()
-            ax.set_xscale("log")
-            ax.set_xlabel("median time (ms, log scale)")
+            ax.set_xlim(0, 1.3 * max(values))
+            ax.set_xlabel("median time (ms)")
             ax.set_title(f"{op}, size {sizes[0]:.3g} elements", fontsize=9)
-            ax.grid(True, axis="x", which="both", alpha=0.3)
+            ax.grid(True, axis="x", alpha=0.3)
             continue
         for impl in sorted({r["impl"] for r in mine}):
             pts = sorted((r["size"], r["median"]) for r in mine if r["impl"] == impl)

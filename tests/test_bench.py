@@ -255,6 +255,7 @@ def test_scaling_round_point_measures_time_memory_and_bound(tmp_path):
     point = suite_scaling._round_point(ctx, 4, 2000, (2,))
     assert [i.name for i in point.impls] == [
         "fedkernels", "fedkernels chunk_size=2", "numpy per-client loop"]
+    del point.impls[1]  # measured like the first; one compile less keeps the test short
     rows = suite_scaling._measure(ctx, point, "test", repeats=1)
     for r in rows:
         assert r["error"] is None and r["median"] > 0 and r["peak_bytes"] > 0
