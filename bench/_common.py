@@ -226,6 +226,20 @@ class Context:
         return nbytes / self.bandwidth if self.bandwidth else float("nan")
 
 
+def compressor_options(ctx: Context) -> dict:
+    """Options every suite passes to `fk.compressor`: the benchmarked device's platform as
+    `backend=`, where the library takes it, so its backend-dependent paths are chosen by
+    configuration rather than by the process's default backend. The one place the bench
+    chooses such a path; `{}` where the library has no such option."""
+    import inspect
+
+    import fedkernels as fk
+
+    if "backend" in inspect.signature(fk.compressor).parameters:
+        return {"backend": ctx.device.platform}
+    return {}
+
+
 def case_name(op: str, shape: tuple[int, ...] | str, dtype: Any) -> str:
     """`op_shape_dtype`, e.g. `top_k_1x10000000_float32`."""
     if not isinstance(shape, str):

@@ -88,7 +88,7 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
     size = num_clients * d
     # Moved at least: updates and residuals read, new residuals written.
     nbytes = 3 * 4 * size
-    comp = fk.compressor(template, **options)
+    comp = fk.compressor(template, **options, **_common.compressor_options(ctx))
 
     def fedkernels_round(u, r):
         res = comp.round({"w": u}, key, client_ids=ids, residuals=r)
@@ -185,7 +185,8 @@ def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: i
     ids = ctx.put(np.arange(num_clients, dtype=np.int32))
     key = jax.random.PRNGKey(0)
     template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
-    comp = fk.compressor(template, bits=8, dense_threshold=20000)
+    comp = fk.compressor(template, bits=8, dense_threshold=20000,
+                         **_common.compressor_options(ctx))
     case = _common.case_name("round_8bit_dense", (num_clients, d), np.float32)
     ctx.progress(f"  {case}: fedkernels")
 

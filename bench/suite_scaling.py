@@ -61,7 +61,8 @@ def _round_point(ctx: _common.Context, num_clients: int, d: int, chunks: tuple[i
     ids = ctx.put(np.arange(num_clients, dtype=np.int32))
     key = jax.random.PRNGKey(0)
     options = round_options(d)
-    comp = fk.compressor({"w": jax.ShapeDtypeStruct((d,), jnp.float32)}, **options)
+    comp = fk.compressor({"w": jax.ShapeDtypeStruct((d,), jnp.float32)}, **options,
+                         **_common.compressor_options(ctx))
 
     def jitted(chunk_size):
         def round_(u, r):
