@@ -69,13 +69,15 @@ def time_interleaved(
     case: str,
     impls: list[tuple[str, Callable[[], Any]]],
     repeats: int = 5,
+    uncompiled: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Times each implementation `repeats` times, alternating between them round by round.
 
     The machine is shared (2 cores, other jobs): alternating spreads any slowdown over all
     implementations instead of penalizing whichever ran during it, so their ratio is fairer
     than from back-to-back blocks. The first call of each (jit compiling, or building and
-    shipping a TFF computation) is `first`. Returns, per name, `time_fn`'s keys and
+    shipping a TFF computation) is `first`; the implementations named in `uncompiled` (NumPy)
+    get `compile` None. Returns, per name, `time_fn`'s keys and
     `"error": None`, or `{"error": message}` if its first call raised (not fatal).
     """
     timings: dict[str, dict] = {}
@@ -98,9 +100,7 @@ def time_interleaved(
                 block(fn())
                 times[impl].append(time.perf_counter() - start)
     for impl, samples in times.items():
-        # Only JAX compiles on its first call; NumPy rows are named "numpy ...".
-        compiled = not impl.startswith("numpy")
-        timings[impl].update(_summary(timings[impl]["first"], samples, compiled))
+        timings[impl].update(_summary(timings[impl]["first"], samples, impl not in uncompiled))
     return timings
 
 

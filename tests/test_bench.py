@@ -183,6 +183,14 @@ def test_run_case_gives_numpy_rows_no_compile_time(tmp_path):
     assert records["fedkernels"]["compile"] >= 0.0
 
 
+def test_time_interleaved_gives_uncompiled_rows_no_compile_time():
+    timings = _common.time_interleaved(
+        lambda msg: None, "case", [("numpy loop", lambda: 1), ("jitted", lambda: 2)],
+        repeats=2, uncompiled=("numpy loop",))
+    assert timings["numpy loop"]["compile"] is None and timings["numpy loop"]["median"] >= 0
+    assert timings["jitted"]["compile"] >= 0.0 and timings["jitted"]["repeats"] == 2
+
+
 def test_pipeline_and_tff_tables_print_their_legends(tmp_path, capsys):
     from bench import suite_tff
 
