@@ -13,7 +13,8 @@ sweep also runs with `chunk_size` (clients in chunks, fewer temporaries).
 Per curve (op, sweep, implementation) the suite reports the least-squares slope of
 log(time) against log(size): 1 means time grows in proportion to the work, below 1 fixed
 costs still weigh (small sizes), above 1 something grows faster than the data (caches,
-memory). `slope_top` fits only the three largest sizes.
+memory). `slope_top` fits only the three largest sizes; `slope_best` fits each point's
+fastest run instead of its median (steadier when other jobs load the machine).
 """
 
 from __future__ import annotations
@@ -318,6 +319,7 @@ def slopes(records: list[dict]) -> list[dict]:
                     and r["impl"] == "fedkernels"]
         rows = sorted(rows, key=lambda r: r["size"])
         timed = [(r["size"], r["median"]) for r in rows if r.get("median")]
+        best = [(r["size"], r.get("min") or r["median"]) for r in rows if r.get("median")]
         out.append({
             "kind": "slope",
             "op": op,
@@ -328,6 +330,7 @@ def slopes(records: list[dict]) -> list[dict]:
             "points": len(timed),
             "slope": _slope(timed),
             "slope_top": _slope(timed[-3:]) if len(timed) > 3 else None,
+            "slope_best": _slope(best),
             "memory_slope": _slope([(r["size"], r.get("peak_bytes")) for r in rows]),
             "median_smallest": timed[0][1] if timed else None,
             "median_largest": timed[-1][1] if timed else None,
@@ -392,8 +395,8 @@ LEGEND = [
     "the inputs plus tracemalloc's peak during one call; compile s: jit lowering + compiling",
     "slope: least-squares slope of log(median time) against log(growing size), all points; "
     "1 = time proportional to the work, < 1 = fixed costs still weigh, > 1 = worse than "
-    "linear; slope_top: the three largest sizes only; the bound's slope is about 1 by "
-    "construction",
+    "linear; slope_top: the three largest sizes only; slope_best: from each point's fastest "
+    "run; the bound's slope is about 1 by construction",
     "round: top-k 1% + error feedback + 8 bits (the pipeline suite's round); 'chunk_size=N' "
     "runs its clients N at a time (lower peak memory)",
 ]
@@ -426,12 +429,14 @@ def _print(ctx: _common.Context, records: list[dict]) -> None:
     print()
     slope_rows = [
         [_label(r["op"], r["sweep"], r["fixed"]), r["impl"], r["points"],
-         _fmt(r["slope"]), _fmt(r["slope_top"]), _fmt(r["memory_slope"]),
+         _fmt(r["slope"]), _fmt(r["slope_top"]), _fmt(r.get("slope_best")),
+         _fmt(r["memory_slope"]),
          _fmt(r["median_smallest"], 1e3, 3), _fmt(r["median_largest"], 1e3, 1)]
         for r in records if r.get("kind") == "slope"
     ]
     print(_common.format_table(slope_rows, [
-        "curve", "impl", "points", "slope", "slope_top", "memory slope", "smallest ms",
+        "curve", "impl", "points", "slope", "slope_top", "slope_best", "memory slope",
+        "smallest ms",
         "largest ms",
     ]))
     _common.print_legend(LEGEND)

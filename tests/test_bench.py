@@ -235,11 +235,13 @@ def test_scaling_slopes_recover_known_exponents():
         for impl, exponent in (("fedkernels", 1.0), ("numpy loop", 1.5)):
             records.append({"kind": "point", "op": "round", "sweep": "C", "fixed": 50,
                             "impl": impl, "size": size, "median": 1e-6 * size**exponent,
+                            "min": 0.5e-6 * size**exponent,
                             "bound_s": 2e-7 * size, "peak_bytes": 4 * size})
     slopes = {r["impl"]: r for r in suite_scaling.slopes(records)}
     assert slopes["fedkernels"]["slope"] == pytest.approx(1.0)
     assert slopes["numpy loop"]["slope"] == pytest.approx(1.5)
     assert slopes["numpy loop"]["slope_top"] == pytest.approx(1.5)
+    assert slopes["numpy loop"]["slope_best"] == pytest.approx(1.5)
     assert slopes["bound"]["slope"] == pytest.approx(1.0)
     assert slopes["fedkernels"]["memory_slope"] == pytest.approx(1.0)
 
