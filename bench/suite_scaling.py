@@ -314,7 +314,7 @@ def slopes(records: list[dict]) -> list[dict]:
         curves.setdefault((r["op"], r["sweep"], r["fixed"], "bound"), [])
     for (op, sweep, fixed, impl), rows in curves.items():
         if impl == "bound":
-            rows = [dict(r, median=r["bound_s"], peak_bytes=None) for r in points
+            rows = [dict(r, median=r["bound_s"], min=r["bound_s"], peak_bytes=None) for r in points
                     if (r["op"], r["sweep"], r["fixed"]) == (op, sweep, fixed)
                     and r["impl"] == "fedkernels"]
         rows = sorted(rows, key=lambda r: r["size"])

@@ -243,6 +243,7 @@ def test_scaling_slopes_recover_known_exponents():
     assert slopes["numpy loop"]["slope_top"] == pytest.approx(1.5)
     assert slopes["numpy loop"]["slope_best"] == pytest.approx(1.5)
     assert slopes["bound"]["slope"] == pytest.approx(1.0)
+    assert slopes["bound"]["slope_best"] == pytest.approx(1.0)
     assert slopes["fedkernels"]["memory_slope"] == pytest.approx(1.0)
 
 
