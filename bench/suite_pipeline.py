@@ -458,7 +458,8 @@ LEGEND = [
     "round_topk1%_ef_8bit_CxD: one round of C clients x D parameters, top-k 1% + error "
     "feedback + 8-bit quantization, server decode and mean; round_8bit_dense: every client's "
     "whole update in 8 bits (the work of TFF's stock round); residual_store_update: C new rows "
-    "written into the store of N clients; chunked_round: C=1000 in chunks (peak memory)",
+    "written into the store of N clients; chunked_round: a large cohort in chunks of clients, "
+    "updates generated inside the loop (peak memory)",
     "median ms: median wall time of 5 timed runs after the first call (block_until_ready); "
     "the in-process rows of a case alternate run by run; first call s: the first call, "
     "which for JAX includes tracing and compiling (NumPy compiles nothing)",
