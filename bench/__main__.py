@@ -25,6 +25,11 @@ GROUPS = {"jax": ("kernels", "pipeline", "scaling"), "all": SUITES}
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each option's default and keeps the description's line breaks."""
 
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, ""):  # flags, and defaults the help text states
+            return action.help
+        return super()._get_help_string(action)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -56,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         default="",
         help="kernels suite: only these ops, comma-separated (masked_mean, top_k, quantize, "
-        "scatter_sum, flatten; quantize includes dequantize, flatten unflatten)",
+        "scatter_sum, flatten; quantize includes dequantize, flatten unflatten; default: "
+        "all)",
     )
     parser.add_argument(
         "--roofline", action="store_true",
