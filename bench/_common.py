@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +23,15 @@ def block(value: Any) -> Any:
     return jax.block_until_ready(value)
 
 
-def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1) -> dict:
+def time_fn(
+    fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, compiles: bool = True
+) -> dict:
     """Times `fn(*args)`: the first call separately (compile + run), then `repeats` runs.
 
     Works for jitted JAX functions and plain NumPy functions alike. Returns seconds:
     `{"first": ..., "median": ..., "min": ..., "repeats": n, "compile": first - median}`.
-    `compile` is an estimate of tracing + compilation (first call minus a warm call).
+    `compile` is an estimate of tracing + compilation (first call minus a warm call); None
+    when `compiles` is False (NumPy: its first call only touches memory for the first time).
     """
     repeats = max(int(repeats), 5)
     start = time.perf_counter()
@@ -40,10 +44,15 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
         start = time.perf_counter()
         block(fn(*args))
         times.append(time.perf_counter() - start)
-    return _summary(first, times)
+    return _summary(first, times, compiles)
 
 
-def _summary(first: float, times: list[float]) -> dict:
+def compiles(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` is a jitted JAX function (it has `.lower`): NumPy code compiles nothing."""
+    return hasattr(fn, "lower")
+
+
+def _summary(first: float, times: list[float], compiles: bool = True) -> dict:
     """`time_fn`'s keys from the first call's seconds and the timed runs'."""
     median = statistics.median(times)
     return {
@@ -51,7 +60,7 @@ def _summary(first: float, times: list[float]) -> dict:
         "median": median,
         "min": min(times),
         "repeats": len(times),
-        "compile": max(first - median, 0.0),
+        "compile": max(first - median, 0.0) if compiles else None,
     }
 
 
@@ -60,13 +69,15 @@ def time_interleaved(
     case: str,
     impls: list[tuple[str, Callable[[], Any]]],
     repeats: int = 5,
+    uncompiled: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Times each implementation `repeats` times, alternating between them round by round.
 
     The machine is shared (2 cores, other jobs): alternating spreads any slowdown over all
     implementations instead of penalizing whichever ran during it, so their ratio is fairer
     than from back-to-back blocks. The first call of each (jit compiling, or building and
-    shipping a TFF computation) is `first`. Returns, per name, `time_fn`'s keys and
+    shipping a TFF computation) is `first`; the implementations named in `uncompiled` (NumPy)
+    get `compile` None. Returns, per name, `time_fn`'s keys and
     `"error": None`, or `{"error": message}` if its first call raised (not fatal).
     """
     timings: dict[str, dict] = {}
@@ -89,7 +100,7 @@ def time_interleaved(
                 block(fn())
                 times[impl].append(time.perf_counter() - start)
     for impl, samples in times.items():
-        timings[impl].update(_summary(timings[impl]["first"], samples))
+        timings[impl].update(_summary(timings[impl]["first"], samples, impl not in uncompiled))
     return timings
 
 
@@ -128,8 +139,10 @@ def copy_bandwidth(device: jax.Device, nbytes: int = 256 * 2**20) -> dict:
 
     A jitted elementwise negation (one read, one write; a bare copy may be elided by XLA) of a
     float32 buffer of `nbytes` on `device`, and NumPy's allocating `np.copy` on the host (a
-    kernel writes a fresh output too). Both are reported. `bytes_per_s` is the device figure;
-    on CPU it is the faster of the two, so the bound is never flattered by a slow copy.
+    kernel writes a fresh output too), each the best of 7 runs: the bound is what the machine
+    does when nothing interferes. `bytes_per_s`, the figure every `% of bound` uses, is the
+    device figure; on CPU the faster of the two, so the bound is never flattered by a slow
+    copy. Medians are kept too (`*_median_bytes_per_s`) to show how noisy the machine was.
     """
     n = nbytes // 4
     host = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
@@ -137,17 +150,28 @@ def copy_bandwidth(device: jax.Device, nbytes: int = 256 * 2**20) -> dict:
     # x * 1 + 0 would be folded; negation is one read and one write, same as a copy.
     copy = jax.jit(lambda a: -a)
     t_dev = time_fn(copy, x, repeats=7)
-    t_np = time_fn(np.copy, host, repeats=7)
+    t_np = time_fn(np.copy, host, repeats=7, compiles=False)
     moved = 2 * host.nbytes
+    device_best, numpy_best = moved / t_dev["min"], moved / t_np["min"]
     return {
         "bytes": moved,
-        "device_bytes_per_s": moved / t_dev["median"],
-        "numpy_bytes_per_s": moved / t_np["median"],
-        # Best runs, not medians: the bound is what the machine can do when nothing interferes.
-        "bytes_per_s": max(moved / t_dev["min"], moved / t_np["min"])
-        if device.platform == "cpu"
-        else moved / t_dev["min"],
+        "device_bytes_per_s": device_best,
+        "numpy_bytes_per_s": numpy_best,
+        "device_median_bytes_per_s": moved / t_dev["median"],
+        "numpy_median_bytes_per_s": moved / t_np["median"],
+        "bytes_per_s": max(device_best, numpy_best) if device.platform == "cpu" else device_best,
     }
+
+
+def describe_bandwidth(info: dict) -> str:
+    """One line for the copy bandwidth, every figure on the same footing (best of 7 runs)."""
+    return (
+        f"copy bandwidth, bytes read + written per second, best of 7 runs: jax on the device "
+        f"{info['device_bytes_per_s'] / 1e9:.2f} GB/s, numpy {info['numpy_bytes_per_s'] / 1e9:.2f}"
+        f" GB/s; every bound uses {info['bytes_per_s'] / 1e9:.2f} GB/s (medians of the 7: "
+        f"{info['device_median_bytes_per_s'] / 1e9:.2f} and "
+        f"{info['numpy_median_bytes_per_s'] / 1e9:.2f} GB/s)"
+    )
 
 
 def machine_info(device: jax.Device) -> dict:
@@ -202,6 +226,20 @@ class Context:
         return nbytes / self.bandwidth if self.bandwidth else float("nan")
 
 
+def compressor_options(ctx: Context) -> dict:
+    """Options every suite passes to `fk.compressor`: the benchmarked device's platform as
+    `backend=`, where the library takes it, so its backend-dependent paths are chosen by
+    configuration rather than by the process's default backend. The one place the bench
+    chooses such a path; `{}` where the library has no such option."""
+    import inspect
+
+    import fedkernels as fk
+
+    if "backend" in inspect.signature(fk.compressor).parameters:
+        return {"backend": ctx.device.platform}
+    return {}
+
+
 def case_name(op: str, shape: tuple[int, ...] | str, dtype: Any) -> str:
     """`op_shape_dtype`, e.g. `top_k_1x10000000_float32`."""
     if not isinstance(shape, str):
@@ -230,40 +268,66 @@ def write_json(path: Path | str, records: Any) -> Path:
     return path
 
 
-def plot(path: Path | str, records: list[dict]) -> Path | None:
-    """Time vs size, one line per implementation, one panel per op. Needs matplotlib.
-
-    Records need `op`, `impl`, `size` (a number for the x axis) and `median` (seconds).
-    Returns None (and says so) when matplotlib is not installed.
-    """
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (said once) when it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[bench] matplotlib not installed: no plot (pip install '.[sim]')", file=sys.stderr)
+        print("[bench] matplotlib not installed: no plot, JSON only (pip install '.[sim]')",
+              file=sys.stderr)
         return None
+    return plt
+
+
+def plot(path: Path | str, records: list[dict]) -> Path | None:
+    """Time vs size, one line per implementation, one panel per op. Needs matplotlib.
+
+    Records need `op`, `impl`, `size` (a number for the x axis) and `median` (seconds). An
+    op measured at a single size gets a bar per implementation instead, labelled with its
+    time (a log-log line through one point has no axis to read). Returns None when
+    matplotlib is not installed.
+    """
     rows = [r for r in records if r.get("median") is not None and r.get("size")]
     ops = sorted({r["op"] for r in rows})
     if not ops:
         return None
+    plt = _pyplot()
+    if plt is None:
+        return None
     cols = min(3, len(ops))
     nrows = -(-len(ops) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
     for ax, op in zip(axes.flat, ops, strict=False):
-        for impl in sorted({r["impl"] for r in rows if r["op"] == op}):
-            pts = sorted(
-                (r["size"], r["median"]) for r in rows if r["op"] == op and r["impl"] == impl
-            )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        mine = [r for r in rows if r["op"] == op]
+        sizes = sorted({r["size"] for r in mine})
+        if len(sizes) == 1:
+            bars = sorted(mine, key=lambda r: r["median"])
+            labels = [textwrap.fill(r["impl"], 26) for r in bars]
+            values = [1e3 * r["median"] for r in bars]
+            ax.barh(range(len(bars)), values, color="tab:blue")
+            for i, value in enumerate(values):  # the figure itself, not read off an axis
+                text = f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+                ax.text(value, i, f" {text} ms", va="center", fontsize=7)
+            ax.set_yticks(range(len(bars)), labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1.3 * max(values))
+            ax.set_xlabel("median time (ms)")
+            ax.set_title(f"{op}, size {sizes[0]:.3g} elements", fontsize=9)
+            ax.grid(True, axis="x", alpha=0.3)
+            continue
+        for impl in sorted({r["impl"] for r in mine}):
+            pts = sorted((r["size"], r["median"]) for r in mine if r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl[:40])
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(op)
-        ax.set_xlabel("size (elements)")
-        ax.set_ylabel("median time (s)")
+        ax.set_title(op, fontsize=9)
+        ax.set_xlabel("size (elements, log scale)")
+        ax.set_ylabel("median time (s, log scale)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(ops) :]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -272,6 +336,25 @@ def plot(path: Path | str, records: list[dict]) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def headline(ctx: Context) -> str:
+    """The line above every table: versions, device, and the copy bandwidth of the run."""
+    m = ctx.machine
+    line = (
+        f"jax {m.get('jax')} numpy {m.get('numpy')} on {m.get('device')} ({m.get('cpu')}, "
+        f"{m.get('cores')} cores)"
+    )
+    if ctx.bandwidth_info:
+        line += "\n" + describe_bandwidth(ctx.bandwidth_info)
+    return line
+
+
+def print_legend(lines: list[str]) -> None:
+    """The legend printed under every table, so a reader needs no other document."""
+    print("legend:")
+    for line in lines:
+        print(f"  {line}")
 
 
 def format_table(rows: list[list[Any]], header: list[str]) -> str:

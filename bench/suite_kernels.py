@@ -129,7 +129,7 @@ def _top_k_cases(ctx: _common.Context, size: tuple[int, int]) -> list[Case]:
     fast = jax.jit(lambda a, k=k: fk.top_k(a, k))
     case.add("fedkernels", fast, x)
     # fedkernels' method="lax" (lax.top_k on int32 keys) is left out: XLA:CPU's top_k on
-    # integers takes tens of seconds at this size.
+    # integers is orders of magnitude slower than every other row at this size.
     case.add("numpy argpartition", lambda a, k=k: np.argpartition(np.abs(a), -k)[-k:], host)
     case.add("jax lax.top_k", jax.jit(lambda a, k=k: lax.top_k(jnp.abs(a), k)[1]), x)
     if d >= _topk.AUTO_RADIX_MIN_LENGTH:
@@ -386,7 +386,7 @@ def _run_case(ctx: _common.Context, case: Case, repeats: int) -> list[dict]:
                     f"skipped: needs about {temp_bytes / 2**30:.1f} GiB of temporaries, "
                     f"{free / 2**30:.1f} GiB available"
                 )
-            return _common.time_fn(fn, *args, repeats=repeats)
+            return _common.time_fn(fn, *args, repeats=repeats, compiles=_common.compiles(fn))
 
         timing, error = _common.attempt(ctx.progress, timed)
         records.append(
@@ -420,6 +420,21 @@ def _run_case(ctx: _common.Context, case: Case, repeats: int) -> list[dict]:
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
+
+LEGEND = [
+    "case: op_shape_dtype[_params] (k: entries kept, b: bits, d: dense length); the rows under "
+    "it are other implementations of the same computation on the same data, in this process",
+    "median ms: median wall time of the timed runs (at least 5, after one warm-up call, "
+    "block_until_ready); compile ms: first call minus median, for jitted JAX only ('-' for "
+    "NumPy, which compiles nothing)",
+    "vs numpy: this row's median / the baseline's median (the baseline is the case's first "
+    "numpy row); < 1 is faster than NumPy, 1.00x is the baseline itself",
+    "best vs best: the same ratio from each row's fastest run (steadier when other jobs "
+    "share the machine)",
+    "% of bound: bound ms / median ms; bound ms = bytes the op must move (inputs read once, "
+    "outputs written once) / the copy bandwidth above; 100% is memory-bound at copy speed",
+    "part n/m rows: one step of fedkernels' kernel timed alone, to show where its time goes",
+]
 
 _BUILDERS = {
     "masked_mean": _masked_mean_cases,
@@ -479,14 +494,11 @@ def _print(ctx: _common.Context, records: list[dict]) -> None:
         "bound ms",
     ]
     print()
-    print(
-        f"jax {ctx.machine.get('jax')} numpy {ctx.machine.get('numpy')} on "
-        f"{ctx.machine.get('device')} ({ctx.machine.get('cpu')}, {ctx.machine.get('cores')} "
-        f"cores); copy bandwidth {ctx.bandwidth / 1e9:.2f} GB/s read+write"
-    )
+    print(_common.headline(ctx))
     print(_common.format_table(rows, header))
+    _common.print_legend(LEGEND)
     print()
-    print("targets (fedkernels, this run):")
+    print("targets: the project's own goals for fedkernels (from its issue tracker), this run:")
     for r in records:
         if r["impl"] != "fedkernels" or r.get("median") is None:
             continue

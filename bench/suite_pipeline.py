@@ -88,7 +88,7 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
     size = num_clients * d
     # Moved at least: updates and residuals read, new residuals written.
     nbytes = 3 * 4 * size
-    comp = fk.compressor(template, **options)
+    comp = fk.compressor(template, **options, **_common.compressor_options(ctx))
 
     def fedkernels_round(u, r):
         res = comp.round({"w": u}, key, client_ids=ids, residuals=r)
@@ -106,7 +106,8 @@ def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) ->
         ("fedkernels chunk_size=1", lambda: fedkernels_chunked(updates, residuals)),
         ("numpy per-client loop", lambda: numpy_round(host_updates, host_residuals, k, 8, 0)),
     ]
-    timings = _common.time_interleaved(ctx.progress, case, in_process, repeats)
+    timings = _common.time_interleaved(ctx.progress, case, in_process, repeats,
+                                       uncompiled=("numpy per-client loop",))
     rows = []
     for impl, _ in in_process:
         timing = dict(timings[impl])
@@ -185,7 +186,8 @@ def _dense_8bit_round(ctx: _common.Context, num_clients: int, d: int, repeats: i
     ids = ctx.put(np.arange(num_clients, dtype=np.int32))
     key = jax.random.PRNGKey(0)
     template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
-    comp = fk.compressor(template, bits=8, dense_threshold=20000)
+    comp = fk.compressor(template, bits=8, dense_threshold=20000,
+                         **_common.compressor_options(ctx))
     case = _common.case_name("round_8bit_dense", (num_clients, d), np.float32)
     ctx.progress(f"  {case}: fedkernels")
 
@@ -452,45 +454,55 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
+LEGEND = [
+    "round_topk1%_ef_8bit_CxD: one round of C clients x D parameters, top-k 1% + error "
+    "feedback + 8-bit quantization, server decode and mean; round_8bit_dense: every client's "
+    "whole update in 8 bits (the work of TFF's stock round); residual_store_update: C new rows "
+    "written into the store of N clients; chunked_round: a large cohort in chunks of clients, "
+    "updates generated inside the loop (peak memory)",
+    "median ms: median wall time of 5 timed runs after the first call (block_until_ready); "
+    "the in-process rows of a case alternate run by run; first call s: the first call, "
+    "which for JAX includes tracing and compiling (NumPy compiles nothing)",
+    "vs numpy: this row's median / the NumPy row's median (the per-client loop, or NumPy's "
+    "in-place assignment for the store); < 1 is faster than NumPy",
+    "% of bound: bound / median; bound = bytes that must move (round: updates and residuals "
+    "read, new residuals written; store: the C rows read and written) / the copy bandwidth "
+    "above",
+    "ns/client-param: median / (clients x parameters), comparable across sizes and with "
+    "--suite tff",
+    "peak RSS: the chunked round's own process peak resident memory (VmHWM), in MiB, beside "
+    "an idle process's",
+]
+
+
 def _print(ctx: _common.Context, records: list[dict]) -> None:
     rows = []
     for r in records:
-        if r["op"] in ("round", "round_dense", "store_update"):
-            speedup = r.get("speedup_vs_numpy")
-            rows.append(
-                [
-                    r["case"],
-                    r["impl"],
-                    _fmt(r.get("median"), 1e3, 1),
-                    _fmt(r.get("first"), 1, 1),
-                    "-" if speedup is None else _fmt(speedup, 1, 2) + "x",
-                    _fmt(r.get("per_client_parameter_ns"), 1, 2),
-                    "-",
-                ]
-            )
-        else:
-            rows.append(
-                [
-                    r["case"],
-                    r["impl"],
-                    _fmt(r.get("median"), 1e3, 1),
-                    _fmt(r.get("first"), 1, 1),
-                    "-",
-                    "-",
-                    _fmt(r.get("peak_rss_bytes"), 2**-20, 0)
-                    + " MiB (idle "
-                    + _fmt(r.get("idle_process_rss_bytes"), 2**-20, 0)
-                    + ")",
-                ]
-            )
+        chunked = r["op"] not in ("round", "round_dense", "store_update")
+        ratio = r.get("ratio_vs_numpy")
+        rows.append(
+            [
+                r["case"],
+                r["impl"],
+                _fmt(r.get("median"), 1e3, 1),
+                _fmt(r.get("first"), 1, 1),
+                "-" if ratio is None else _fmt(ratio, 1, 2) + "x",
+                _fmt(r.get("pct_of_bound"), 1, 0) + ("%" if r.get("pct_of_bound") else ""),
+                "-" if chunked else _fmt(r.get("per_client_parameter_ns"), 1, 2),
+                "-"
+                if not chunked
+                else _fmt(r.get("peak_rss_bytes"), 2**-20, 0)
+                + " MiB (idle "
+                + _fmt(r.get("idle_process_rss_bytes"), 2**-20, 0)
+                + ")",
+            ]
+        )
     header = [
-        "case", "implementation", "median ms", "first call s", "speedup vs numpy",
+        "case", "implementation", "median ms", "first call s", "vs numpy", "% of bound",
         "ns/client-param", "peak RSS",
     ]
     print()
-    print(
-        f"jax {ctx.machine.get('jax')} numpy {ctx.machine.get('numpy')} on "
-        f"{ctx.machine.get('device')} ({ctx.machine.get('cores')} cores)"
-    )
+    print(_common.headline(ctx))
     print(_common.format_table(rows, header))
+    _common.print_legend(LEGEND)
     print()

@@ -248,6 +248,22 @@ def run(ctx: _common.Context) -> list[dict]:
     return records
 
 
+LEGEND = [
+    "each case: one process.next on the same client values (C clients x float32[d]) in TFF's "
+    "runtime, per implementation, alternating run by run; the first implementation is TFF's "
+    "stock factory, the baseline",
+    "median ms: median of the timed rounds after the first; first s: the first call, which "
+    "builds the computation and ships it to TFF's C++ worker",
+    "ns/client-param: median / (clients x d); x baseline: this row's median / the stock "
+    "factory's median (< 1 is faster than TFF's own)",
+    "numpy bridge: fedkernels.tff's *Process classes, jitted JAX in this process, no TFF "
+    "runtime; fedkernels round, JAX: compressor(...).round outside TFF on the same values",
+    "target: the project's own goals (from its issue tracker): MaskedMeanFactory <= "
+    f"{TARGET_RATIO}x MeanFactory; fedkernels' own round >= {NATIVE_TARGET_SPEEDUP}x faster "
+    "than TFF's stock round",
+]
+
+
 def _print(records: list[dict]) -> None:
     rows = []
     for r in records:
@@ -273,5 +289,6 @@ def _print(records: list[dict]) -> None:
             ]
         )
     header = ["case", "impl", "median ms", "first s", "ns/client-param", "x baseline", "target"]
-    print(_common.format_table(rows, header), flush=True)
+    print(_common.format_table(rows, header))
+    _common.print_legend(LEGEND)
     sys.stdout.flush()

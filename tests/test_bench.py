@@ -135,3 +135,230 @@ def test_profile_round_reports_the_programs_ops(tmp_path):
     assert not any("Execute" in n or n.startswith("$") for n in names), names[:10]
     assert abs(sum(row["ms_per_round"] for row in result["ops"]) - result["ops_ms_per_round"]) < 0.1
     assert result["wall_ms_per_round"] > 0 and "traced ops per round" in done.stdout
+
+
+# ---------------------------------------------------------------- output a reader understands
+
+
+def _kernel_record(impl, median, compile_s, ratio, pct):
+    return {"case": "quantize_1000_float32_b8", "op": "quantize", "impl": impl,
+            "median": median, "compile": compile_s, "ratio_vs_numpy": ratio,
+            "ratio_vs_numpy_min": ratio, "pct_of_bound": pct, "bound_s": 1e-4}
+
+
+def _printing_ctx(tmp_path):
+    ctx = _ctx(tmp_path)
+    ctx.machine = {"jax": jax.__version__, "numpy": np.__version__, "device": "cpu:0",
+                   "cpu": "test cpu", "cores": 2}
+    ctx.bandwidth_info = {"bytes": 2.0, "device_bytes_per_s": 8e9, "numpy_bytes_per_s": 10e9,
+                          "device_median_bytes_per_s": 7e9, "numpy_median_bytes_per_s": 9e9,
+                          "bytes_per_s": 10e9}
+    ctx.bandwidth = 10e9
+    return ctx
+
+
+def test_kernels_table_prints_its_legend_units_and_no_numpy_compile_time(tmp_path, capsys):
+    records = [_kernel_record("fedkernels", 2e-3, 0.5, 0.5, 5.0),
+               _kernel_record("numpy", 4e-3, None, 1.0, 2.5)]
+    suite_kernels._print(_printing_ctx(tmp_path), records)
+    out = capsys.readouterr().out
+    assert "legend:" in out
+    assert "this row's median / the baseline's median" in out and "< 1 is faster" in out
+    assert "best vs best" in out and "% of bound: bound ms / median ms" in out
+    assert "the project's own goals" in out
+    assert "median ms" in out and "compile ms" in out and "GB/s" in out
+    numpy_row = next(line for line in out.splitlines() if line.split()[:2] == ["numpy", "4.00"])
+    assert numpy_row.split()[2] == "-"  # no compile time for NumPy
+    # The headline's bandwidth figures agree: the bound's figure is one of the two measured.
+    assert "every bound uses 10.00 GB/s" in out and "numpy 10.00 GB/s" in out
+
+
+def test_run_case_gives_numpy_rows_no_compile_time(tmp_path):
+    x = np.arange(4000, dtype=np.float32)
+    case = suite_kernels.Case("masked_mean", (4000,), np.float32, 4000, 16000.0, "numpy sum")
+    case.add("numpy sum", np.sum, x)
+    case.add("fedkernels", jax.jit(jax.numpy.sum), jax.numpy.asarray(x))
+    records = {r["impl"]: r for r in suite_kernels._run_case(_ctx(tmp_path), case, repeats=5)}
+    assert records["numpy sum"]["compile"] is None
+    assert records["fedkernels"]["compile"] >= 0.0
+
+
+def test_time_interleaved_gives_uncompiled_rows_no_compile_time():
+    timings = _common.time_interleaved(
+        lambda msg: None, "case", [("numpy loop", lambda: 1), ("jitted", lambda: 2)],
+        repeats=2, uncompiled=("numpy loop",))
+    assert timings["numpy loop"]["compile"] is None and timings["numpy loop"]["median"] >= 0
+    assert timings["jitted"]["compile"] >= 0.0 and timings["jitted"]["repeats"] == 2
+
+
+def test_pipeline_and_tff_tables_print_their_legends(tmp_path, capsys):
+    from bench import suite_tff
+
+    row = {"case": "round_topk1%_ef_8bit_4x1000_float32", "op": "round", "impl": "fedkernels",
+           "median": 0.01, "first": 2.0, "ratio_vs_numpy": 0.2, "pct_of_bound": 30.0,
+           "per_client_parameter_ns": 2.5}
+    suite_pipeline._print(_printing_ctx(tmp_path), [row])
+    out = capsys.readouterr().out
+    assert "legend:" in out and "< 1 is faster than NumPy" in out and "% of bound" in out
+    assert "0.20x" in out and "30%" in out and "ns/client-param" in out and "GB/s" in out
+    suite_tff._print([{"case": "masked_mean_5x100_float32", "op": "masked_mean",
+                       "impl": "fedkernels.tff", "baseline": "tff.MeanFactory", "median": 0.1,
+                       "first": 1.0, "ns_per_client_parameter": 2.0, "ratio_vs_baseline": 1.1}])
+    out = capsys.readouterr().out
+    assert "legend:" in out and "x baseline" in out and "project's own goals" in out
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: cpu)" in out and "(default: results/bench)" in out
+    assert "scaling" in out and "--roofline" in out
+
+
+def test_single_size_plot_draws_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"op": "masked_mean", "impl": name, "size": 1000, "median": t}
+               for name, t in (("fedkernels", 1e-3), ("numpy X.mean(0)", 2e-3))]
+    path = _common.plot(tmp_path / "one.png", records)
+    assert path is not None and path.stat().st_size > 0
+
+
+# ---------------------------------------------------------------- scaling suite
+
+
+def test_scaling_slopes_recover_known_exponents():
+    from bench import suite_scaling
+
+    records = []
+    for size in (10, 100, 1000, 10000):
+        for impl, exponent in (("fedkernels", 1.0), ("numpy loop", 1.5)):
+            records.append({"kind": "point", "op": "round", "sweep": "C", "fixed": 50,
+                            "impl": impl, "size": size, "median": 1e-6 * size**exponent,
+                            "min": 0.5e-6 * size**exponent,
+                            "bound_s": 2e-7 * size, "peak_bytes": 4 * size})
+    slopes = {r["impl"]: r for r in suite_scaling.slopes(records)}
+    assert slopes["fedkernels"]["slope"] == pytest.approx(1.0)
+    assert slopes["numpy loop"]["slope"] == pytest.approx(1.5)
+    assert slopes["numpy loop"]["slope_top"] == pytest.approx(1.5)
+    assert slopes["numpy loop"]["slope_best"] == pytest.approx(1.5)
+    assert slopes["bound"]["slope"] == pytest.approx(1.0)
+    assert slopes["bound"]["slope_best"] == pytest.approx(1.0)
+    assert slopes["fedkernels"]["memory_slope"] == pytest.approx(1.0)
+
+
+def test_scaling_sweeps_span_the_asked_ranges():
+    from bench import suite_scaling
+
+    full = suite_scaling.sweeps(quick=False)
+    c_sizes = {s for sw in full if sw.axis == "C" for s in sw.sizes}
+    d_sizes = {s for sw in full if sw.axis == "d" for s in sw.sizes}
+    assert min(c_sizes) == 10 and max(c_sizes) == 1000
+    assert min(d_sizes) == 10**4 and max(d_sizes) == 10**7
+    ops = {sw.op for sw in full}
+    assert ops == set(suite_scaling.BUILDERS)
+
+
+def test_scaling_round_point_measures_time_memory_and_bound(tmp_path):
+    from bench import suite_scaling
+
+    ctx = _ctx(tmp_path)
+    point = suite_scaling._round_point(ctx, 4, 2000, (2,))
+    assert [i.name for i in point.impls] == [
+        "fedkernels", "fedkernels chunk_size=2", "numpy per-client loop"]
+    del point.impls[1]  # measured like the first; one compile less keeps the test short
+    rows = suite_scaling._measure(ctx, point, "test", repeats=1)
+    for r in rows:
+        assert r["error"] is None and r["median"] > 0 and r["peak_bytes"] > 0
+        # Inputs alone are two [4, 2000] float32 arrays: any peak includes them.
+        assert r["peak_bytes"] >= 2 * 4 * 4 * 2000
+        assert r["bound_s"] == pytest.approx(3 * 4 * 4 * 2000 / 1e10)
+    assert rows[0]["compile"] > 0 and rows[-1]["compile"] is None
+    assert rows[-1]["ratio_vs_numpy"] == 1.0
+
+
+# ---------------------------------------------------------------- roofline
+
+
+def test_roofline_is_bytes_over_bandwidth(tmp_path, capsys):
+    from bench import roofline
+
+    data = roofline.table(measured_bytes_per_s=1e10, device="cpu")
+    row = next(r for r in data["rows"] if r["name"] == "round_topk1%_ef_8bit_100x1000000")
+    assert row["min_bytes"] == 3 * 4 * 100 * 10**6 and row["impl_bytes"] == 5 * 4 * 100 * 10**6
+    assert row["min_ms"]["H100 (HBM3, 3.35 TB/s)"] == pytest.approx(1.2e9 / 3.35e12 * 1e3)
+    assert row["impl_ms"]["H200 (HBM3e, 4.8 TB/s)"] == pytest.approx(2e9 / 4.8e12 * 1e3)
+    assert any("this run's device" in name for name in row["min_ms"])
+    assert main(["--roofline", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "H100" in out and "H200" in out and "min bytes" in out and "GB" in out
+    assert (tmp_path / "roofline.json").exists()
+
+
+# ---------------------------------------------------------------- plain checkout, no extras
+
+_BLOCKER = '''
+import importlib.abc, os, sys
+
+BLOCKED = {"matplotlib", "chex", "hypothesis", "tensorflow", "tensorflow_federated",
+           "sklearn", "pytest"}
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            with open(os.environ["BLOCKED_LOG"], "a") as log:
+                log.write(name + "\\n")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+'''
+
+_TINY_RUN = '''
+import functools, sys
+from bench import _common, suite_kernels, suite_scaling
+from bench.__main__ import main
+
+# Tiny sizes: this checks that the entry point runs and writes its JSON, not speed.
+_common.copy_bandwidth = functools.partial(_common.copy_bandwidth, nbytes=2**20)
+suite_kernels._sizes = lambda ctx: {"scatter_sum": [(4, 10, 1000)]}
+suite_scaling.sweeps = lambda quick, gpu=False: [
+    suite_scaling.Sweep("masked_mean", "C", 1000, (2, 4))]
+out = sys.argv[1]
+assert main(["--device", "cpu", "--quick", "--only", "scatter_sum", "--out", out]) == 0
+assert main(["--device", "cpu", "--quick", "--suite", "scaling", "--out", out]) == 0
+import bench.suite_pipeline, bench.suite_tff  # importable too
+'''
+
+
+def test_bench_runs_without_matplotlib_or_test_extras(tmp_path):
+    # What a GPU machine has: jax and numpy, no matplotlib, TensorFlow or test packages.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCKER)
+    repo = Path(__file__).resolve().parent.parent
+    log = tmp_path / "blocked.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(repo)]),
+               BLOCKED_LOG=str(log), JAX_PLATFORMS="cpu")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", _TINY_RUN, str(out)], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for suite in ("kernels", "scaling"):
+        payload = json.loads((out / f"{suite}.json").read_text())
+        assert payload["suite"] == suite and payload["records"]
+        assert not (out / f"{suite}.png").exists()
+    assert (out / "roofline.json").exists()
+    assert "matplotlib not installed" in done.stderr
+    attempted = set(log.read_text().split()) if log.exists() else set()
+    # Only the plots tried matplotlib; nothing reached for TensorFlow or test-only packages.
+    assert {name.split(".")[0] for name in attempted} <= {"matplotlib"}, attempted
+    assert "legend:" in done.stdout
