@@ -17,6 +17,7 @@ import pytest
 
 import fedkernels as fk
 from fedkernels import _pipeline
+from fedkernels._pipeline import builder, encode  # noqa: F401  (submodules used below)
 from tests import _reference as ref
 
 # Template: a 40x30 weight (1200 > threshold: sparse segment) and a 30-bias (dense segment).
@@ -33,7 +34,7 @@ def _use_selection(name, monkeypatch):
         monkeypatch.setattr(fk._topk, "AUTO_RADIX_MIN_LENGTH", 1)
     if name == "radix-vmap":  # the batched rows used on GPU/TPU, run here on CPU
         monkeypatch.setattr(fk._radix, "ROWS", "vmap")
-    _pipeline._build.cache_clear()  # compressors are cached per config: trace afresh
+    _pipeline.builder._compiled.cache_clear()  # compressors are cached per config: trace afresh
 
 
 @pytest.fixture(params=["lax", "radix"])
@@ -42,7 +43,7 @@ def selection(request, monkeypatch):
     `AUTO_RADIX_MIN_LENGTH`, as here) and radix select with its bit-packed mask (forced)."""
     _use_selection(request.param, monkeypatch)
     yield request.param
-    _pipeline._build.cache_clear()
+    _pipeline.builder._compiled.cache_clear()
 
 
 @pytest.fixture(params=["lax", "radix", "radix-vmap"])
@@ -50,7 +51,7 @@ def any_selection(request, monkeypatch):
     """As `selection`, plus radix select with the rows batched by vmap (the GPU/TPU path)."""
     _use_selection(request.param, monkeypatch)
     yield request.param
-    _pipeline._build.cache_clear()
+    _pipeline.builder._compiled.cache_clear()
 
 
 def make_updates(c: int, seed: int = 0) -> dict[str, jnp.ndarray]:
@@ -356,10 +357,10 @@ def test_top_k_round_flat_and_2d_indexing_agree(residual_dtype, selection, monke
         np.random.default_rng(8).normal(size=(c, D_SPARSE)), jnp.float32
     ).astype(residual_dtype)
     results = []
-    for limit in (_pipeline.FLAT_INDEX_LIMIT, 0):
-        monkeypatch.setattr(_pipeline, "FLAT_INDEX_LIMIT", limit)
+    for limit in (_pipeline.encode.FLAT_INDEX_LIMIT, 0):
+        monkeypatch.setattr(_pipeline.encode, "FLAT_INDEX_LIMIT", limit)
         for bits in (8, None):
-            _pipeline._build.cache_clear()
+            _pipeline.builder._compiled.cache_clear()
             comp = fk.compressor(TEMPLATE, **{**EF8, "bits": bits})
             results.append(comp.round(updates, KEY, residuals=residuals))
     for flat, two_d in zip(results[:2], results[2:], strict=True):
@@ -376,7 +377,7 @@ def test_row_norms_match_float64(d):
     rng = np.random.default_rng(d)
     x = (rng.normal(size=(3, d)) * np.array([[1.0], [1e-3], [50.0]])).astype(np.float32)
     x[1, -1] = 7.0  # in the tail
-    got = jax.jit(_pipeline._row_norms)(jnp.asarray(x))
+    got = jax.jit(_pipeline.encode.row_norms)(jnp.asarray(x))
     want = np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=1))
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
 
