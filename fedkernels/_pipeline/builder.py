@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -91,11 +92,21 @@ class Compressor:
           feedback; an excluded client keeps its old row), and a `ClientReport` (`included`
           bool `[C]`, `residual_norm` float32 `[C]`).
         """
-        flat = rnd.flat_updates(self.layout, updates)
-        c = flat.shape[0]
+        c = rnd.check_updates(self.layout, updates)
         ids, residuals, _ = rnd.check_cohort(
             self.layout, self.config, c, client_ids, residuals, None
         )
+        key = rnd.check_key(key)
+        flat = rnd.flat_updates(self.layout, updates)
+        if c == 0:  # empty results of the shapes a cohort of one would get
+            shapes = jax.eval_shape(
+                self._compiled.encode, jnp.zeros((1, self.layout.size), jnp.float32),
+                None if residuals is None else jnp.zeros((1, self.layout.sparse_size)),
+                jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.bool_), key,
+            )
+            return jax.tree_util.tree_map(
+                lambda s: jnp.zeros((0, *s.shape[1:]), s.dtype), shapes
+            )
         return self._compiled.encode(flat, residuals, ids, jnp.ones((c,), jnp.bool_), key)
 
     def aggregate(self, payload: Payload, included: Any, weights: Any = None) -> AggregateSums:
@@ -105,12 +116,19 @@ class Compressor:
         Args:
           payload: what `encode` returned, rows `[C, ...]`.
           included: bool `[C]`: the clients to count (`report.included`).
-          weights: float `[C]`, >= 0, or None (all 1). Not allowed with `shared_range`.
+          weights: float `[C]`, finite and >= 0, or None (all 1). Not allowed with
+            `shared_range`. The sums are not rescaled here (they must add up across calls):
+            keep `sum(weights) * max|value|` within float32 range, or use `decode`/`round`,
+            which rescale the weights to a maximum of 1.
+
+        Raises:
+          ValueError: `included` or `weights` not of shape `[C]`; a negative, NaN or Inf
+            weight (checked when the weights are concrete, not under jit).
         """
         c = payload.dense.shape[0]
-        if weights is None:
-            weights = jnp.ones((c,), jnp.float32)
-        return self._compiled.aggregate(payload, jnp.asarray(included, jnp.bool_), weights)
+        included = rnd.check_included(included, c)
+        weights = rnd.check_weights(self.config, weights, c)
+        return self._compiled.aggregate(payload, included, weights)
 
     def finalize(self, sums: AggregateSums) -> Any:
         """The mean update (a pytree shaped like the template, float32) from summed
@@ -118,7 +136,12 @@ class Compressor:
         return self._compiled.finalize(sums)
 
     def decode(self, payload: Payload, included: Any, weights: Any = None) -> Any:
-        """`finalize(aggregate(payload, included, weights))`: the server's mean update."""
+        """The server's mean update from a cohort's payloads: `finalize(aggregate(payload,
+        included, weights / max(weights)))` (the same mean, without overflow for large finite
+        weights). Arguments and errors as `aggregate`."""
+        if weights is not None:
+            c = payload.dense.shape[0]
+            weights = rnd.normalized(rnd.check_weights(self.config, weights, c))
         return self.finalize(self.aggregate(payload, included, weights))
 
     def round(
@@ -151,8 +174,15 @@ class Compressor:
           `RoundResult(mean, residuals, metrics)`.
 
         Raises:
-          ValueError: shapes that disagree with the template, missing or extra residuals,
-            bad weights; with `on_nonfinite="raise"`, a client with NaN/Inf.
+          ValueError: shapes that disagree with the template (the message names the leaf or
+            prints both tree structures), missing or extra residuals, weights of the wrong
+            shape or negative/NaN/Inf (when concrete), a batch of keys, an update function
+            that returns another number of clients than ids it was given; with
+            `on_nonfinite="raise"`, a client with NaN/Inf, or a call under `jax.jit`.
+          TypeError: `key` that is not a `jax.random` key (e.g. an int).
+
+        Weights are rescaled to a maximum of 1 before use (the same mean; large finite
+        weights such as 2e38 do not overflow).
         """
         if chunk_size is not None:
             chunk_size = _validate.static_int("chunk_size", chunk_size, 1)
@@ -163,12 +193,10 @@ class Compressor:
                 raise ValueError("client_ids must be given when updates is a function, got None")
             c = int(np.shape(client_ids)[0])
         else:
-            leaves = jax.tree_util.tree_leaves(updates)
-            if not leaves:
-                raise ValueError("updates must have at least one leaf, got an empty pytree")
-            c = int(np.shape(leaves[0])[0])
+            c = rnd.check_updates(layout, updates)
         ids, residuals, weights = rnd.check_cohort(layout, config, c, client_ids, residuals,
                                                    weights)
+        key = rnd.check_key(key)
         present = jnp.ones((c,), jnp.bool_)
         if c == 0:
             sums = agg.zero_sums(config, layout)
@@ -187,7 +215,15 @@ class Compressor:
         if new_res is not None and new_res.shape[0] != c:
             new_res = new_res[:c]
         result = RoundResult(mean, new_res, rnd.round_metrics(layout, c, arrays))
-        if config.on_nonfinite == "raise" and int(result.metrics.num_excluded) > 0:
+        if config.on_nonfinite != "raise":
+            return result
+        if isinstance(result.metrics.num_excluded, jax.core.Tracer):
+            raise ValueError(
+                "on_nonfinite='raise' cannot be used under jax.jit or vmap (the check reads "
+                "metrics.num_excluded on the host); use on_nonfinite='exclude' there and "
+                "read metrics.num_excluded / metrics.excluded"
+            )
+        if int(result.metrics.num_excluded) > 0:
             bad = np.flatnonzero(np.asarray(result.metrics.excluded))
             raise ValueError(
                 f"updates must be finite (on_nonfinite='raise'), got {bad.size} client(s) with "
@@ -196,18 +232,7 @@ class Compressor:
         return result
 
 
-def compressor(
-    template: Any,
-    *,
-    top_k: float | int | None = None,
-    error_feedback: bool = False,
-    bits: int | None = None,
-    dense_threshold: int = 20000,
-    random_k: bool = False,
-    shared_range: tuple[float, float] | None = None,
-    aggregation: str = "mean",
-    on_nonfinite: str = "exclude",
-) -> Compressor:
+def compressor(template: Any, /, **options: Any) -> Compressor:
     """Builds a batched update compressor: client encoder, server decoder, jitted round.
 
     Top-k sparsification, global over the flattened model (Aji & Heafield 2017; Lin et al.
@@ -244,16 +269,31 @@ def compressor(
     Args:
       template: pytree of arrays or `jax.ShapeDtypeStruct`, one client's update (no client
         axis). Fixes d, the leaf split and the payload size.
-      top_k: None (send every coordinate of the sparse segment), a fraction in (0, 1] of d_s
-        (k = max(1, round(top_k * d_s))), or a count in [1, d_s].
+      top_k_fraction: None, or the share in (0, 1] of the sparse segment each client sends:
+        k = ceil(top_k_fraction * d_s), at least 1 (`layout.top_k_size`).
+      top_k_count: None, or k itself, an int in [1, d_s]. Give at most one of the two;
+        neither sends every coordinate of the sparse segment.
       error_feedback: keep what is not sent in a per-client residual (float32 `[C, d_s]`,
         see `fedkernels.residual_store` for N clients).
       bits: None (float32 values) or int in [1, 16].
-      dense_threshold: int >= 0; leaves with at most this many elements are sent dense.
+      dense_threshold: int >= 0: leaves with at most this many elements are sent whole as
+        float32 (the dense segment); None (the default) chooses by the settings: 0 (every
+        leaf compressed) with top-k or random-k, 1000 with quantization alone (biases and
+        other small leaves stay exact), 0 without compression. A setting that leaves no
+        leaf to compress is refused; one that compresses less than 90% of the parameters
+        warns (`layout.compressed_fraction`). TFF's `quantize_above_threshold` uses 20000.
       random_k: choose the k coordinates uniformly at random instead of by magnitude.
       shared_range: None or (lo, hi), finite, lo < hi; needs `bits`.
       aggregation: "mean" or "masked_mean".
       on_nonfinite: "exclude" or "raise".
+      backend: the JAX backend the functions run on ("cpu", "gpu", "tpu"), or None for
+        `jax.default_backend()` (read once, here). Chooses the defaults of `radix`.
+      radix: how top-k selection runs (`fedkernels.RadixConfig`: batched rows mapped
+        or vmapped, the prefix-sum method, the row length from which radix select replaces
+        `lax.top_k`), or None for the defaults of `backend`. Every choice gives the same
+        result.
+      flat_index_limit: largest `C * d_s` whose positions are indexed as one flat int32
+        vector (faster on CPU); larger cohorts index in 2-D. The default is int32's limit.
 
     Returns:
       A `Compressor` with `config`, `layout` (sizes, `payload_bytes`, `compression_ratio`)
@@ -261,13 +301,18 @@ def compressor(
       help).
 
     Raises:
-      ValueError: a setting out of range (named with its value), e.g. `top_k=0`,
+      ValueError: a setting out of range (named with its value), e.g. `top_k_count=0`,
         `bits=17`, `shared_range=(1, 1)`, `aggregation="median"`; or at call time shapes
-        that disagree with the template.
-      TypeError: a setting of the wrong type, or a template leaf that is not an array.
+        that disagree with the template; `dense_threshold` leaving no leaf to compress.
+      TypeError: a setting of the wrong type, an unknown option (`top_k=` says to use
+        `top_k_fraction` or `top_k_count`), or a template leaf that is not an array.
+
+    Warns:
+      UserWarning: less than 90% of the parameters are in compressed leaves (it names
+        `dense_threshold` and the share).
 
     >>> import jax, jax.numpy as jnp
-    >>> comp = compressor({"w": jnp.zeros((1000,))}, top_k=0.01, bits=8, dense_threshold=0)
+    >>> comp = compressor({"w": jnp.zeros((1000,))}, top_k_fraction=0.01, bits=8)
     >>> comp.layout.k, comp.layout.index_bits, comp.layout.payload_bytes
     (10, 10, 80)
     >>> updates = {"w": jnp.zeros((3, 1000)).at[:, 7].set(1.0)}
@@ -275,9 +320,33 @@ def compressor(
     >>> float(result.mean["w"][7]), result.metrics.as_dict()["uploaded_bytes"]
     (1.0, 240)
     """
-    config = CompressorConfig(
-        top_k=top_k, error_feedback=error_feedback, bits=bits, dense_threshold=dense_threshold,
-        random_k=random_k, shared_range=shared_range, aggregation=aggregation,
-        on_nonfinite=on_nonfinite,
-    )
+    config = CompressorConfig(**_check_options(options))
     return Compressor(config, make_layout(template, config))
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    if "top_k" in options:
+        raise TypeError(
+            f"compressor() takes top_k_fraction or top_k_count, not top_k (got top_k="
+            f"{options['top_k']!r}): top_k_fraction=0.01 keeps 1% of the compressed "
+            "coordinates, top_k_count=25 keeps 25 of them"
+        )
+    names = [f.name for f in dataclasses.fields(CompressorConfig)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"compressor() got unknown option(s) {unknown}; the options are {names}")
+    return options
+
+
+def _signature() -> inspect.Signature:
+    """compressor's signature, from CompressorConfig's fields (the one declaration)."""
+    template = inspect.Parameter("template", inspect.Parameter.POSITIONAL_ONLY, annotation=Any)
+    options = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=f.type)
+        for f in dataclasses.fields(CompressorConfig)
+    ]
+    return inspect.Signature([template, *options], return_annotation=Compressor)
+
+
+compressor.__signature__ = _signature()

@@ -32,8 +32,7 @@ from fedkernels._quantize import (
     unpack_bits,
 )
 from fedkernels._scatter import scatter
-from fedkernels._topk import top_k as _top_k
-from fedkernels._topk import top_k_rows_words
+from fedkernels._topk import _top_k_indices, top_k_rows_words
 
 
 class Payload(NamedTuple):
@@ -247,7 +246,8 @@ def _encode_generic(
         scores = jax.vmap(lambda kk: jax.random.uniform(kk, (d_s,)))(
             client_keys(key, client_ids, 0)
         )
-        _, indices = _top_k(scores, k)  # k uniform-random coordinates, no repeats
+        # k uniform-random coordinates, no repeats: the k largest of uniform scores.
+        indices = _top_k_indices(scores, k, "auto", config.radix).astype(jnp.int32)
         values = jnp.take_along_axis(acc_safe, indices, axis=1)
         if not config.error_feedback:
             values = values * jnp.float32(d_s / k)  # unbiased: E[sent] = acc
@@ -322,7 +322,7 @@ def _encode_top_k(
     to its old residual.
 
     Gathers and scatters index `acc` as one flat vector when `C * d_s` fits int32
-    (`FLAT_INDEX_LIMIT`): on XLA:CPU a 1-D gather is several times faster than
+    (`config.flat_index_limit`): on XLA:CPU a 1-D gather is several times faster than
     `take_along_axis`, and the 1-D scatter's loop runs one kernel per update, not two.
 
     A client is excluded when it is absent or any entry of its `acc` is NaN/Inf: NaN and Inf
@@ -332,13 +332,13 @@ def _encode_top_k(
     c = flat.shape[0]
     sparse, dense = split(layout, flat)
     k, d_s = layout.k, layout.sparse_size
-    flat_index = c * d_s <= FLAT_INDEX_LIMIT
+    flat_index = c * d_s <= config.flat_index_limit
     if residuals is None:
         acc_flat = sparse.reshape(-1)
     else:
         acc_flat = sparse.reshape(-1) + residuals.astype(jnp.float32).reshape(-1)
     acc = acc_flat.reshape(c, d_s)
-    _, indices = top_k_rows_words((acc,), lambda a: a, k)
+    _, indices = top_k_rows_words((acc,), lambda a: a, k, config.radix)
     if flat_index:
         positions = (indices + jnp.arange(c, dtype=jnp.int32)[:, None] * d_s).reshape(-1)
         values = acc_flat[positions].reshape(c, k)
@@ -368,10 +368,6 @@ def _encode_top_k(
         config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
     )
     return payload, new_residuals, ClientReport(included, residual_norm)
-
-
-# Largest `C * d_s` whose flat positions `_encode_top_k` indexes as int32 (beyond it, 2-D).
-FLAT_INDEX_LIMIT = 2**31 - 1
 
 
 def encoder(config: CompressorConfig, layout: Layout) -> Callable[..., Encoded]:

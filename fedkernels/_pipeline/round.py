@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fedkernels import _sharding, _validate
@@ -21,48 +22,84 @@ from fedkernels._pipeline.layout import Layout
 
 
 class RoundMetrics(NamedTuple):
-    """Measurements of one round (arrays are device values; `as_dict` gives Python numbers)."""
+    """Measurements of one round. Array fields are device values computed in the round's
+    jit; `as_dict()` gives the scalar ones as Python numbers, keyed by their field names.
 
-    num_clients: int  # C, the cohort size
-    payload_bytes: int  # bytes one included client uploads
-    dense_bytes: int  # bytes of one uncompressed float32 update
-    uploaded_bytes: jax.Array  # shape=[], dtype=int64 or int32: payload_bytes * included
-    bytes_per_client: jax.Array  # shape=[C], dtype=int32: payload_bytes, 0 for excluded
-    num_excluded: jax.Array  # shape=[], dtype=int32: clients left out (non-finite update)
+    Attributes:
+      num_clients: C, the cohort size (clients).
+      payload_bytes_per_client: bytes one included client uploads (`Layout.payload_bytes`).
+      uncompressed_bytes_per_client: bytes of one client's whole update as float32, d * 4
+        (the baseline of `compression_ratio`).
+      uploaded_bytes: int scalar, bytes the cohort uploaded (payload_bytes_per_client times
+        the included clients).
+      bytes_per_client: int32 `[C]`, bytes each client uploaded (0 for an excluded one).
+      num_excluded: int32 scalar, clients left out (NaN/Inf in their update or residual).
+      excluded: bool `[C]`, which clients were left out.
+      residual_norm: float32 `[C]`, L2 norm of each client's new residual (0 without error
+        feedback).
+      contributors_touched: int32 scalar, coordinates of the compressed leaves sent by at
+        least one client.
+      contributors_max: int32 scalar, most clients that sent one coordinate.
+      contributors_mean: float32 scalar, clients per touched coordinate, on average.
+      residual_norm_mean: float32 scalar, mean residual norm over included clients (0 if
+        none).
+      residual_norm_max: float32 scalar, largest residual norm over included clients (0 if
+        none).
+    """
+
+    num_clients: int
+    payload_bytes_per_client: int
+    uncompressed_bytes_per_client: int
+    uploaded_bytes: jax.Array  # shape=[], dtype=int32 (int64 with x64)
+    bytes_per_client: jax.Array  # shape=[C], dtype=int32
+    num_excluded: jax.Array  # shape=[], dtype=int32
     excluded: jax.Array  # shape=[C], dtype=bool
     residual_norm: jax.Array  # shape=[C], dtype=float32
-    contributors_touched: jax.Array  # shape=[], dtype=int32: sparse coordinates sent by >= 1
-    contributors_max: jax.Array  # shape=[], dtype=int32: most clients on one coordinate
-    contributors_mean: jax.Array  # shape=[], dtype=float32: mean over touched coordinates
-    residual_norm_mean: jax.Array  # shape=[], dtype=float32: over included clients (0 if none)
-    residual_norm_max: jax.Array  # shape=[], dtype=float32: over included clients (0 if none)
+    contributors_touched: jax.Array  # shape=[], dtype=int32
+    contributors_max: jax.Array  # shape=[], dtype=int32
+    contributors_mean: jax.Array  # shape=[], dtype=float32
+    residual_norm_mean: jax.Array  # shape=[], dtype=float32
+    residual_norm_max: jax.Array  # shape=[], dtype=float32
 
     @property
     def compression_ratio(self) -> float:
-        return self.dense_bytes / self.payload_bytes if self.payload_bytes else float("inf")
+        """uncompressed_bytes_per_client / payload_bytes_per_client (inf for an empty
+        payload)."""
+        if not self.payload_bytes_per_client:
+            return float("inf")
+        return self.uncompressed_bytes_per_client / self.payload_bytes_per_client
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python numbers, for logs and JSON. Reads only the scalar fields, which every
-        process holds whole, so it also works when the cohort spans several processes
-        (`jax.distributed`); the per-client fields are then sharded like the cohort."""
-        return {
-            "num_clients": self.num_clients,
-            "num_excluded": int(self.num_excluded),
-            "payload_bytes_per_client": self.payload_bytes,
-            "uploaded_bytes": int(self.uploaded_bytes),
-            "dense_bytes_per_client": self.dense_bytes,
-            "compression_ratio": self.compression_ratio,
-            "residual_norm_mean": float(self.residual_norm_mean),
-            "residual_norm_max": float(self.residual_norm_max),
-            "contributors_touched": int(self.contributors_touched),
-            "contributors_max": int(self.contributors_max),
-            "contributors_mean": float(self.contributors_mean),
-        }
+        """The scalar fields and `compression_ratio` as Python numbers, keyed by their names,
+        for logs and JSON. Reads only the scalar fields, which every process holds whole, so
+        it also works when the cohort spans several processes (`jax.distributed`); the
+        per-client fields (`bytes_per_client`, `excluded`, `residual_norm`) are then sharded
+        like the cohort and are left out."""
+        out: dict[str, Any] = {}
+        for name, value in zip(self._fields, self, strict=True):
+            if name in _PER_CLIENT:
+                continue
+            if isinstance(value, int):
+                out[name] = value
+            elif jnp.issubdtype(value.dtype, jnp.integer):
+                out[name] = int(value)
+            else:
+                out[name] = float(value)
+        out["compression_ratio"] = self.compression_ratio
+        return out
 
 
 class RoundResult(NamedTuple):
-    mean: Any  # the server's aggregate, a pytree shaped like one client's update
-    residuals: jax.Array | None  # shape=[C, d_s], dtype=float32: new residuals (EF), else None
+    """What `Compressor.round` returns.
+
+    Attributes:
+      mean: the server's aggregate, a pytree shaped like the template, float32.
+      residuals: float32 `[C, d_s]`, the clients' new residuals (error feedback), else None.
+      metrics: the round's `RoundMetrics`.
+    """
+
+    mean: Any
+    residuals: jax.Array | None
     metrics: RoundMetrics
 
 
@@ -101,20 +138,97 @@ def metric_arrays(
 
 def round_metrics(layout: Layout, c: int, arrays: dict[str, jax.Array]) -> RoundMetrics:
     return RoundMetrics(
-        num_clients=c, payload_bytes=layout.payload_bytes, dense_bytes=layout.dense_bytes,
+        num_clients=c, payload_bytes_per_client=layout.payload_bytes,
+        uncompressed_bytes_per_client=layout.uncompressed_bytes,
         **{name: a[:c] if name in _PER_CLIENT else a for name, a in arrays.items()},
     )
 
 
-def flat_updates(layout: Layout, updates: Any) -> jax.Array:
-    """updates pytree [C, ...] -> float32 [C, d], checked against the template."""
-    flat, unflatten = flatten(updates, batch_ndim=1, dtype=jnp.float32)
-    if (unflatten.treedef, unflatten.shapes) != (layout.unflatten.treedef, layout.unflatten.shapes):
+def check_updates(layout: Layout, updates: Any, what: str = "updates") -> int:
+    """C, the cohort size of `updates` (the template's tree, leaves `[C, *leaf_shape]`), or a
+    ValueError that says which part differs: the tree structure, or a leaf's shape."""
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    if treedef != layout.unflatten.treedef:
         raise ValueError(
-            "updates must have the structure and leaf shapes of the template with a leading "
-            f"client axis; template {layout.unflatten.shapes}, got {unflatten.shapes}"
+            f"{what} must have the tree structure of the template; template "
+            f"{layout.unflatten.treedef}, got {treedef}"
         )
+    c = None
+    for i, (leaf, shape) in enumerate(zip(leaves, layout.unflatten.shapes, strict=True)):
+        got = tuple(np.shape(leaf))
+        if got[1:] != shape or len(got) != len(shape) + 1:
+            raise ValueError(
+                f"{what} must hold the template's leaves with a leading client axis "
+                f"[C, *leaf_shape]; leaf {i}: template shape {shape}, so [C, *{shape}], got {got}"
+            )
+        if c is None:
+            c = got[0]
+        elif got[0] != c:
+            raise ValueError(
+                f"{what} leaves must share the client axis; leaf 0 has {c} clients, leaf {i} "
+                f"has {got[0]}"
+            )
+    if c is None:
+        raise ValueError(f"{what} must have at least one leaf, got an empty pytree")
+    return int(c)
+
+
+def flat_updates(layout: Layout, updates: Any, what: str = "updates") -> jax.Array:
+    """updates pytree [C, ...] -> float32 [C, d], checked against the template."""
+    check_updates(layout, updates, what)
+    flat, _ = flatten(updates, batch_ndim=1, dtype=jnp.float32)
     return flat
+
+
+def check_key(key: Any) -> jax.Array:
+    """One `jax.random` key (typed, shape (), or raw uint32 [n]), else an error naming `key`."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(
+                f"key must be a single jax.random key, got a batch of keys of shape "
+                f"{tuple(key.shape)}"
+            )
+        return key
+    if isinstance(key, bool | int | float) or not hasattr(key, "dtype"):
+        raise TypeError(
+            "key must be a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+            f"got {type(key).__name__} {key!r}"
+        )
+    if key.dtype != jnp.uint32 or key.ndim == 0:
+        raise TypeError(
+            "key must be a jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+            f"got an array of dtype {key.dtype} and shape {tuple(key.shape)}"
+        )
+    if key.ndim != 1:
+        raise ValueError(
+            f"key must be a single jax.random key, got a batch of keys of shape "
+            f"{tuple(key.shape)}"
+        )
+    return key
+
+
+def check_included(included: Any, c: int) -> jax.Array:
+    """bool [C], one flag per client."""
+    included = _validate.as_array("included", included)
+    _validate.same_shape("included", included, (c,), "one flag per client")
+    return included.astype(jnp.bool_)
+
+
+def check_weights(config: CompressorConfig, weights: Any, c: int) -> jax.Array:
+    """float32 [C], finite and >= 0 (checked when concrete); None: ones."""
+    if weights is None:
+        return jnp.ones((c,), jnp.float32)
+    if config.shared_range is not None:
+        raise ValueError("weights must be None in shared_range mode (codes are summed "
+                         "unweighted, as secure aggregation would), got an array")
+    return _validate.weights_vector("weights", weights, c).astype(jnp.float32)
+
+
+def normalized(weights: jax.Array) -> jax.Array:
+    """weights / max(weights): the same mean, and no overflow of their sum or of the
+    weighted sums however large the finite weights are (ones stay ones, bit for bit)."""
+    top = jnp.max(weights, initial=0.0)
+    return jnp.where(top > 0, weights / jnp.where(top > 0, top, 1.0), weights)
 
 
 def check_cohort(
@@ -136,14 +250,7 @@ def check_cohort(
         _validate.same_shape("residuals", residuals, (c, layout.sparse_size), "[C, d_s]")
     elif residuals is not None:
         raise ValueError("residuals must be None when error_feedback=False, got an array")
-    if weights is None:
-        weights = jnp.ones((c,), jnp.float32)
-    else:
-        weights = _validate.weights_vector("weights", weights, c).astype(jnp.float32)
-        if config.shared_range is not None:
-            raise ValueError("weights must be None in shared_range mode (codes are summed "
-                             "unweighted, as secure aggregation would), got an array")
-    return client_ids.astype(jnp.int32), residuals, weights
+    return client_ids.astype(jnp.int32), residuals, check_weights(config, weights, c)
 
 
 def round_flat(
@@ -163,9 +270,16 @@ def round_flat(
     c = client_ids.shape[0]
 
     def one_chunk(upd, res, ids, w, pres):
+        what = "updates"
         if callable(upd):
             upd = upd(ids)
-        flat = flat_updates(layout, upd)
+            what = "updates(client_ids)"
+        flat = flat_updates(layout, upd, what)
+        if flat.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"{what} must give one row per client id: {ids.shape[0]} ids, got "
+                f"{flat.shape[0]} rows"
+            )
         payload, new_res, report = encode(config, layout, flat, res, ids, pres, key)
         sums = agg.aggregate(config, layout, payload, w, report.included)
         return sums, new_res, report
@@ -213,6 +327,7 @@ def round_function(
     residuals, metric arrays)` for one chunking, mesh and update function."""
 
     def run(updates, residuals, ids, weights, present, key):
+        weights = normalized(weights)
         upd = update_fn if update_fn is not None else updates
         if mesh is None:
             sums, new_res, report = round_flat(
