@@ -119,7 +119,7 @@ class Compressor:
           weights: float `[C]`, finite and >= 0, or None (all 1). Not allowed with
             `shared_range`. The sums are not rescaled here (they must add up across calls):
             keep `sum(weights) * max|value|` within float32 range, or use `decode`/`round`,
-            which rescale the weights to a maximum of 1.
+            which rescale the weights (`normalized`).
 
         Raises:
           ValueError: `included` or `weights` not of shape `[C]`; a negative, NaN or Inf
@@ -181,7 +181,7 @@ class Compressor:
             `on_nonfinite="raise"`, a client with NaN/Inf, or a call under `jax.jit`.
           TypeError: `key` that is not a `jax.random` key (e.g. an int).
 
-        Weights are rescaled to a maximum of 1 before use (the same mean; large finite
+        Weights are rescaled by their maximum before use (the same mean; large finite
         weights such as 2e38 do not overflow).
         """
         if chunk_size is not None:

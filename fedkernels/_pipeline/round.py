@@ -226,9 +226,14 @@ def check_weights(config: CompressorConfig, weights: Any, c: int) -> jax.Array:
 
 def normalized(weights: jax.Array) -> jax.Array:
     """weights / max(weights): the same mean, and no overflow of their sum or of the
-    weighted sums however large the finite weights are (ones stay ones, bit for bit)."""
+    weighted sums however large the finite weights are (ones stay ones, bit for bit).
+
+    The divisor is clipped to [2**-126, 2**126], so that its reciprocal (XLA may divide by
+    multiplying with it) is a normal float32 and not flushed to zero: beyond 2**126 the
+    largest weight becomes at most 4 instead of 1."""
     top = jnp.max(weights, initial=0.0)
-    return jnp.where(top > 0, weights / jnp.where(top > 0, top, 1.0), weights)
+    scale = jnp.clip(top, jnp.float32(2.0**-126), jnp.float32(2.0**126))
+    return jnp.where(top > 0, weights / scale, weights)
 
 
 def check_cohort(
