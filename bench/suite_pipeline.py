@@ -73,7 +73,7 @@ def round_inputs(num_clients: int, d: int) -> tuple[np.ndarray, np.ndarray]:
 
 def round_options(d: int) -> dict:
     """The full round's compressor: top-k 1% + error feedback + 8 bits, every leaf sparse."""
-    return {"top_k": d // 100, "error_feedback": True, "bits": 8, "dense_threshold": 0}
+    return {"top_k_count": d // 100, "error_feedback": True, "bits": 8, "dense_threshold": 0}
 
 
 def _full_round(ctx: _common.Context, num_clients: int, d: int, repeats: int) -> list[dict]:
@@ -351,7 +351,7 @@ CHUNKED_SCRIPT = textwrap.dedent(
         print("RESULT" + json.dumps({"maxrss_kb": peak_kb()}))
         raise SystemExit
     template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
-    comp = fk.compressor(template, top_k=d // 100, bits=8, dense_threshold=0)
+    comp = fk.compressor(template, top_k_count=d // 100, bits=8, dense_threshold=0)
     data_key = jax.random.PRNGKey(1)
 
     def updates(ids):  # each client's update from its id, generated inside the chunk loop

@@ -1,5 +1,13 @@
 """fedkernels: JIT-compiled JAX kernels for federated aggregation.
 
+A whole round of update compression, batched over a cohort of clients and jitted:
+`compressor(template, top_k_fraction=..., bits=..., error_feedback=...)` returns a
+`Compressor` whose `round(updates, key, ...)` encodes every client (global top-k, stochastic
+quantization, error feedback) and gives the server's mean; `residual_store(N, d)` keeps the
+error-feedback residuals of N clients across rounds. The kernels it is built from are public
+too: `top_k`, `top_k_with_feedback`, `quantize`/`dequantize`, `pack_bits`, `scatter`,
+`scatter_sum`, `masked_mean`, `flatten`.
+
 The core imports only jax and numpy. The TensorFlow Federated adapters live in
 `fedkernels.tff` and import TensorFlow lazily. `fedkernels.host` holds the process-wide host
 memory setting (`keep_host_memory`), which is not a kernel.
@@ -26,6 +34,7 @@ from fedkernels._pipeline import (
     compressor,
 )
 from fedkernels._quantize import Quantized, dequantize, pack_bits, quantize, unpack_bits
+from fedkernels._radix import RadixConfig
 from fedkernels._scatter import scatter, scatter_sum
 from fedkernels._sharding import client_mesh
 from fedkernels._topk import magnitude_key, top_k, top_k_with_feedback
@@ -44,6 +53,7 @@ __all__ = [
     "Layout",
     "Payload",
     "Quantized",
+    "RadixConfig",
     "ResidualState",
     "ResidualStore",
     "RoundMetrics",

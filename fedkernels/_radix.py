@@ -25,6 +25,7 @@ sample, sort-free.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -35,45 +36,66 @@ import jax.numpy as jnp
 from jax import lax
 
 WORD = 32
-# How `_cumsum` runs: "matmul" (blocks of 32 summed by a triangular matmul), "scan"
-# (`lax.associative_scan`) or "auto": matmul on the CPU of jaxlib < 0.4.32 (the old XLA:CPU
-# runtime, where it was the faster: top_k [10, 1e6], k=1e4: 23 vs 28 ms), the scan elsewhere
-# (jax 0.10 on CPU: the matmul is 3x slower, top_k d=1e7, k=1e6: 70 vs 32 ms).
-CUMSUM = "auto"
+
+ROW_MODES = ("map", "vmap")
+CUMSUM_MODES = ("matmul", "scan")
+# `top_k(method="auto")` uses radix select from this row length on, `lax.top_k` below it
+# (the crossover on XLA:CPU; bench case `top_k` of `--suite kernels`).
+DEFAULT_MIN_LENGTH = 1 << 18
 
 
-def _cumsum_mode() -> str:
-    if CUMSUM != "auto":
-        return CUMSUM
+@dataclasses.dataclass(frozen=True)
+class RadixConfig:
+    """How radix select runs: static choices, resolved once (`for_backend`) and passed down.
+
+    Fields:
+      rows: how batched rows run in `map_rows`: "map" (one at a time, `lax.map`: each row's
+        branches really branch; the faster on CPU) or "vmap" (batched, which fills a GPU/TPU;
+        a per-row branch then executes both sides, so `top_k_rows` branches once per batch).
+      cumsum: how `_cumsum` runs: "matmul" (blocks of 32 summed by a triangular matmul, the
+        faster on the CPU runtime of jaxlib < 0.4.32) or "scan" (`lax.associative_scan`, the
+        faster elsewhere).
+      min_length: row length from which method "auto" uses radix select instead of
+        `lax.top_k` (both give the same result).
+    """
+
+    rows: str = "map"
+    cumsum: str = "scan"
+    min_length: int = DEFAULT_MIN_LENGTH
+
+    def __post_init__(self) -> None:
+        if self.rows not in ROW_MODES:
+            raise ValueError(f"rows must be one of {ROW_MODES}, got {self.rows!r}")
+        if self.cumsum not in CUMSUM_MODES:
+            raise ValueError(f"cumsum must be one of {CUMSUM_MODES}, got {self.cumsum!r}")
+        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or (
+            self.min_length < 1
+        ):
+            raise ValueError(f"min_length must be an int >= 1, got {self.min_length!r}")
+
+
+def for_backend(backend: str | None = None) -> RadixConfig:
+    """The defaults for a JAX backend ("cpu", "gpu", "tpu"; None: `jax.default_backend()`,
+    read now): rows one at a time on CPU, batched elsewhere; the matmul prefix sum on the CPU
+    runtime of jaxlib < 0.4.32, the scan elsewhere."""
+    backend = jax.default_backend() if backend is None else backend
     version = tuple(int(p) for p in re.findall(r"\d+", jax.__version__)[:3])
-    old_runtime = version < (0, 4, 32)
-    return "matmul" if old_runtime and jax.default_backend() == "cpu" else "scan"
+    old_cpu_runtime = backend == "cpu" and version < (0, 4, 32)
+    return RadixConfig(
+        rows="map" if backend == "cpu" else "vmap",
+        cumsum="matmul" if old_cpu_runtime else "scan",
+    )
 
 
-ROWS = "auto"  # how batched rows run: "map" (one at a time), "vmap", or "auto" (by backend)
-
-
-def map_rows(fn: Callable[..., Any], rows: tuple[jax.Array, ...]) -> Any:
-    """`fn(*row)` for each row of the arrays in `rows` (same leading size), stacked.
-
-    On CPU the rows run one at a time (`lax.map`): each row's branches (`lax.cond`, loops)
-    really branch; measured [20, 1e6]: 2x faster than vmap. On GPU/TPU they run batched
-    (`vmap`), which fills the device; a per-row branch then executes both sides, so callers
-    branch once per batch where they can (`top_k_rows`). `ROWS` overrides the choice (the
-    tests run both on CPU). Passes over long rows are best kept out of `fn`: on CPU a pass
+def map_rows(fn: Callable[..., Any], rows: tuple[jax.Array, ...], config: RadixConfig) -> Any:
+    """`fn(*row)` for each row of the arrays in `rows` (same leading size), stacked, run as
+    `config.rows` says. Passes over long rows are best kept out of `fn`: on CPU a pass
     inside the loop runs at about a third of the bandwidth of the same pass over the whole
     batch (`top_k_rows`).
     """
-    if rows_mode() == "map":
+    if config.rows == "map":
         return lax.map(lambda r: fn(*r), rows)
     return jax.vmap(fn)(*rows)
-
-
-def rows_mode() -> str:
-    """How `map_rows` runs rows: "map" or "vmap" (`ROWS`, or by backend when "auto")."""
-    if ROWS == "auto":
-        return "map" if jax.default_backend() == "cpu" else "vmap"
-    return ROWS
 
 
 def _pack(mask: jax.Array) -> jax.Array:
@@ -91,8 +113,8 @@ def _pack2(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     XLA:CPU emits two packing reductions as two loops, each recomputing the masks from the
     row; here one reduction of width 16 packs 16 bits of `a` in the low and 16 bits of `b`
-    in the high half of each word, and the halves are regrouped on the 16x shorter words.
-    Measured (a pass over x + r, [20, 1e6]): 0.64 against 1.2 to 1.5 ms per row.
+    in the high half of each word, and the halves are regrouped on the 16x shorter words:
+    about half the time of two packings (bench case `top_k` of `--suite kernels`).
     """
     d = a.shape[-1]
     pad = -d % WORD
@@ -134,7 +156,9 @@ def _select_bit(words: jax.Array, rank: jax.Array) -> jax.Array:
     return position.astype(jnp.int32)
 
 
-def _cumsum(values: jax.Array, max_value: int = WORD, total: int | None = None) -> jax.Array:
+def _cumsum(
+    values: jax.Array, config: RadixConfig, max_value: int = WORD, total: int | None = None
+) -> jax.Array:
     """Inclusive prefix sum of int32 `[n]` whose entries lie in `[0, max_value]` and, when
     `total` is given, sum to at most `total`.
 
@@ -142,19 +166,17 @@ def _cumsum(values: jax.Array, max_value: int = WORD, total: int | None = None) 
     float32 while a block's sum stays below 2**24: a block sums to at most
     `min(32 * max_value, total)`), and the block offsets by the same scan, recursively; a
     level whose sums could pass 2**24 uses `lax.associative_scan` in int32. Which of the two
-    runs is `CUMSUM` (above): alone, the two are on par on jax 0.4.30 (31250 entries: 0.11
-    against 0.10 ms), but inside top_k the matmul was the faster there; on jax 0.10 the
-    scan is faster everywhere.
+    runs is `config.cumsum`.
     """
     n = values.shape[0]
     block_bound = max_value * WORD if total is None else min(max_value * WORD, total)
-    if _cumsum_mode() == "scan" or n <= WORD or block_bound >= 1 << 24:
+    if config.cumsum == "scan" or n <= WORD or block_bound >= 1 << 24:
         return lax.associative_scan(jnp.add, values.astype(jnp.int32))
     blocks = jnp.pad(values, (0, -n % WORD)).reshape(-1, WORD).astype(jnp.float32)
     upper = jnp.triu(jnp.ones((WORD, WORD), jnp.float32))
     within = jnp.dot(blocks, upper, precision=lax.Precision.HIGHEST).astype(jnp.int32)
     totals = within[:, -1]
-    offsets = _cumsum(totals, max_value * WORD, total) - totals
+    offsets = _cumsum(totals, config, max_value * WORD, total) - totals
     return (within + offsets[:, None]).reshape(-1)[:n]
 
 
@@ -163,17 +185,18 @@ def _cumsum(values: jax.Array, max_value: int = WORD, total: int | None = None) 
 _GROUP = 4
 
 
-def _compact(words: jax.Array, size: int) -> jax.Array:
+def _compact(words: jax.Array, size: int, config: RadixConfig | None = None) -> jax.Array:
     """Indices of the first `size` set bits of `words` (uint32 `[n]`), ascending, int32.
 
-    Slots beyond the number of set bits hold unspecified in-range indices.
+    Slots beyond the number of set bits hold unspecified in-range indices. `config` None:
+    `for_backend()`.
 
     The prefix sum (slow on XLA:CPU, about 3.5 ns per entry) runs over groups of `_GROUP`
     words, not over words: each group's four popcounts are packed as bytes and summed in place
     by one multiply (SWAR), so a slot finds its group from the group prefix sums, then its
-    word from the group's bytes, then its bit. Measured (jax 0.4.30, 1e6-bit rows, 1% set,
-    inside `lax.map`): 0.63 against 0.39 ms per row for words compacted one prefix sum each.
+    word from the group's bytes, then its bit: cheaper than a prefix sum over words.
     """
+    config = for_backend() if config is None else config
     n = words.shape[0]
     grouped = jnp.pad(words, (0, -n % _GROUP)).reshape(-1, _GROUP)
     counts = _popcount(grouped).astype(jnp.uint32)
@@ -181,7 +204,7 @@ def _compact(words: jax.Array, size: int) -> jax.Array:
     # Byte i of `running` is counts[0] + ... + counts[i] of its group (at most 128: no carry).
     running = jnp.sum(counts << byte_shifts, axis=1, dtype=jnp.uint32) * jnp.uint32(0x01010101)
     group_counts = (running >> 24).astype(jnp.int32)
-    inclusive = _cumsum(group_counts, WORD * _GROUP)
+    inclusive = _cumsum(group_counts, config, WORD * _GROUP)
     slots = jnp.arange(size, dtype=jnp.int32)
     num_groups = group_counts.shape[0]
     if size * max(num_groups.bit_length(), 1) <= 4 * num_groups:
@@ -192,7 +215,7 @@ def _compact(words: jax.Array, size: int) -> jax.Array:
         # first slot (scatter-add, out-of-range starts dropped), then a prefix sum over slots.
         starts = jnp.minimum(inclusive - group_counts, size)
         marks = jnp.zeros(size + 1, jnp.int32).at[starts].add(1, mode="drop")
-        group = _cumsum(marks[:size], num_groups, total=num_groups) - 1
+        group = _cumsum(marks[:size], config, num_groups, total=num_groups) - 1
     group = jnp.clip(group, 0, num_groups - 1)
     rank = (slots - (inclusive[group] - group_counts[group])).astype(jnp.uint32)
     sums = running[group]
@@ -206,10 +229,10 @@ def _compact(words: jax.Array, size: int) -> jax.Array:
     return word * WORD + _select_bit(grouped.reshape(-1)[word], (rank - before).astype(jnp.int32))
 
 
-def _first_bits(words: jax.Array, m: jax.Array) -> jax.Array:
+def _first_bits(words: jax.Array, m: jax.Array, config: RadixConfig) -> jax.Array:
     """`words` with only its first `m` set bits (in index order) kept."""
     counts = _popcount(words)
-    exclusive = _cumsum(counts) - counts
+    exclusive = _cumsum(counts, config) - counts
     keep = m - exclusive  # how many of this word's bits to keep
     last = _select_bit(words, jnp.clip(keep - 1, 0, WORD - 1)).astype(jnp.uint32)
     # Bits 0..last inclusive; (2 << 31) wraps to 0 in uint32, so the mask is then all ones.
@@ -236,8 +259,8 @@ def sample_plan(d: int, k: int) -> tuple[int, int, int, int]:
     takes 3.5 standard deviations (plus 2) on each side, so for tie-free data it misses T with
     probability about 5e-4 per row, and a miss only costs extra counting passes (about 20,
     the result stays exact): cheaper on average than compacting a wider bracket every row.
-    Measured: a 16384-key sample costs 0.1 ms per row of 1e6 against 0.6 ms for 65536 keys,
-    and leaves about 6000 candidates for k = 1e4.
+    A 16384-key sample costs a sixth of a 65536-key one and leaves about 6000 candidates
+    for k = 1e4 of d = 1e6.
     """
     stride = max(1, d // SAMPLE_SIZE)
     size = d // stride
@@ -388,13 +411,14 @@ def _candidates_from(
     key_fn: Callable[[jax.Array], jax.Array],
     k: int,
     capacity: int,
+    config: RadixConfig,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """(above, bracket, candidate positions, candidate keys (-1 in unused slots), T, rank of T
     among the bracket) from `_resolve`'s split; `take(positions)` gathers the row's entries.
     When the bracket overflows `capacity` it holds only keys equal to T."""
     above, bracket, count_above, a = bracketed
     key_dtype = a.dtype
-    positions = _compact(bracket, capacity)
+    positions = _compact(bracket, capacity, config)
     valid = jnp.arange(capacity) < _count(bracket)
     keys = jnp.where(valid, key_fn(take(positions)), jnp.asarray(-1, key_dtype))
     rank = k - count_above  # T is the rank-th largest candidate, 1 <= rank <= #candidates
@@ -416,12 +440,15 @@ def _candidates_from(
 
 
 def _candidates(
-    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None,
+    config: RadixConfig,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """`_candidates_from` for one row `x` `[d]`."""
     d = x.shape[-1]
     capacity = _capacity(d, k, capacity)
-    return _candidates_from(_bracket(x, key_fn, k, capacity), lambda p: x[p], key_fn, k, capacity)
+    return _candidates_from(
+        _bracket(x, key_fn, k, capacity), lambda p: x[p], key_fn, k, capacity, config
+    )
 
 
 def _capacity(d: int, k: int, capacity: int | None) -> int:
@@ -429,14 +456,18 @@ def _capacity(d: int, k: int, capacity: int | None) -> int:
 
 
 def kth_largest(
-    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None,
+    config: RadixConfig | None = None,
 ) -> jax.Array:
-    """T, the k-th largest of the nonnegative integer keys `key_fn(x)` (`x: [d]`), exactly."""
-    return _candidates(x, key_fn, k, capacity)[4]
+    """T, the k-th largest of the nonnegative integer keys `key_fn(x)` (`x: [d]`), exactly.
+    `config` None: `for_backend()`."""
+    config = for_backend() if config is None else config
+    return _candidates(x, key_fn, k, capacity, config)[4]
 
 
 def top_k_words(
-    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None,
+    config: RadixConfig | None = None,
 ) -> jax.Array:
     """Bit-packed mask (uint32 `[ceil(d / 32)]`, exactly k bits set) of the k largest keys
     `key_fn(x)`, `x: [d]`, ties at the k-th key to the lower index.
@@ -444,12 +475,15 @@ def top_k_words(
     Every key above T is set by the counting passes; the candidates (keys in the bracket
     around T, ascending positions) that are above T, and the first `rank - #(above T)` of
     those equal to T, are added by a scatter of their bits, without another pass over `x`.
+    `config` None: `for_backend()`.
     """
-    return _words_from(_candidates(x, key_fn, k, capacity))
+    config = for_backend() if config is None else config
+    return _words_from(_candidates(x, key_fn, k, capacity, config), config)
 
 
 def _words_from(
     candidates: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+    config: RadixConfig,
 ) -> jax.Array:
     """`top_k_words`' mask from `_candidates_from`'s result."""
     above, bracket, positions, keys, threshold, rank = candidates
@@ -458,7 +492,7 @@ def _words_from(
         over = keys > threshold
         ties = keys == threshold
         room = rank - _count(_pack(over))
-        chosen = over | (ties & (_cumsum(ties.astype(jnp.int32), 1) <= room))
+        chosen = over | (ties & (_cumsum(ties.astype(jnp.int32), config, 1) <= room))
         bit = jnp.uint32(1) << (positions % WORD).astype(jnp.uint32)
         bits = lax.bitcast_convert_type(jnp.where(chosen, bit, jnp.uint32(0)), jnp.int32)
         # Chosen candidates are outside `above` and distinct: adding their bits sets them.
@@ -466,7 +500,7 @@ def _words_from(
         return lax.bitcast_convert_type(words, jnp.uint32)
 
     def many_ties():  # the bracket is all T and overflowed the candidates: first `rank` of it
-        return above | _first_bits(bracket, rank)
+        return above | _first_bits(bracket, rank, config)
 
     return lax.cond(_count(bracket) > keys.shape[0], many_ties, from_candidates)
 
@@ -477,6 +511,7 @@ def top_k_rows(
     key_fn: Callable[[jax.Array], jax.Array],
     k: int,
     capacity: int | None = None,
+    config: RadixConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`top_k_words` and its indices for each row of `x = combine(*rows)` (`rows`: arrays
     `[C, d]`, `combine` elementwise, e.g. `x + residual`), `x` never materialised:
@@ -484,11 +519,12 @@ def top_k_rows(
 
     The passes over `[C, d]` (the sample and the trial's two masks) run over the whole
     batch at once; only the per-row work on the short words and candidates runs row by row
-    (`map_rows`), with the fallback bisection reading its row from `rows` only for a row
-    whose trial failed. On CPU a pass over the whole batch runs on every core at full
-    bandwidth, while the same pass inside a loop over rows runs at about a third of it
-    (jax 0.4.30, 2 cores, [100, 1e6]: 0.52 against 1.4 ms per row).
+    (`map_rows`, as `config.rows` says), with the fallback bisection reading its row from
+    `rows` only for a row whose trial failed. On CPU a pass over the whole batch runs on
+    every core at full bandwidth, while the same pass inside a loop over rows runs at about a
+    third of it. `config` None: `for_backend()`.
     """
+    config = for_backend() if config is None else config
     c, d = rows[0].shape
     capacity = _capacity(d, k, capacity)
     lo, hi = _sample_bounds(key_fn(combine(*(_sample(a, k) for a in rows))), d, k)
@@ -503,17 +539,18 @@ def top_k_rows(
                 return combine(*(a[i, positions] for a in rows))
 
             bracketed = _resolve((gt, ge, lo_i, hi_i), row, key_fn, k, capacity, d, fallback)
-            words = _words_from(_candidates_from(bracketed, take, key_fn, k, capacity))
-            return words, _compact(words, k)
+            words = _words_from(
+                _candidates_from(bracketed, take, key_fn, k, capacity, config), config
+            )
+            return words, _compact(words, k, config)
 
-        return map_rows(one, (gt_hi, ge_lo, lo, hi, jnp.arange(c, dtype=jnp.int32)))
+        return map_rows(one, (gt_hi, ge_lo, lo, hi, jnp.arange(c, dtype=jnp.int32)), config)
 
     # Branch once for the batch, on whether every row's trial succeeded: then no row needs the
     # fallback. Batched rows (vmap) would otherwise run both sides of a per-row `lax.cond` (a
     # gather of the whole rows, then bisection passes) every time; rows run one at a time
-    # (`lax.map`) skip a per-row branch whose fallback closes over the whole rows: jax 0.4.30,
-    # [100, 1e6], the per-row work went from about 1.5 to 0.75 ms per row.
-    # When some trial failed, each row branches on its own.
+    # (`lax.map`) skip a per-row branch whose fallback closes over the whole rows, which
+    # halves the per-row work. When some trial failed, each row branches on its own.
     ok = jax.vmap(lambda g, e: _trial_ok(g, e, k, capacity)[0])(gt_hi, ge_lo)
     return lax.cond(jnp.all(ok), lambda: select(False), lambda: select(True))
 
@@ -522,15 +559,14 @@ def unpack_mask(words: jax.Array, d: int) -> jax.Array:
     """bool `[d]`: bit i of the packed `words` (the inverse of `_pack`).
 
     Written as a broadcast of each word over its 32 bits, not a gather `words[i // 32]`:
-    XLA:CPU fuses it into the consumer either way, and the broadcast runs faster (a masked
-    select over a 1e6 row: 1.38 vs 1.54 ms on jax 0.4.30, 2.27 vs 2.82 ms on jax 0.10).
+    XLA:CPU fuses it into the consumer either way, and the broadcast runs faster.
     """
     return unpack_blocks(words).reshape(-1)[:d]
 
 
 def unpack_blocks(words: jax.Array) -> jax.Array:
     """bool `[n, 32]`: row w holds the bits of word w; for rows `[d]` with `d % 32 == 0`
-    viewed as `[d // 32, 32]` this is the fastest unpacked mask (1.2 ms per 1e6 select)."""
+    viewed as `[d // 32, 32]` this is the fastest unpacked mask."""
     bits = (words[:, None] >> jnp.arange(WORD, dtype=jnp.uint32)) & jnp.uint32(1)
     return bits.astype(jnp.bool_)
 
@@ -545,8 +581,11 @@ def select_unset(words: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def top_k_indices_radix(
-    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None
+    x: jax.Array, key_fn: Callable[[jax.Array], jax.Array], k: int, capacity: int | None = None,
+    config: RadixConfig | None = None,
 ) -> jax.Array:
     """Indices (int32, ascending) of the k largest keys `key_fn(x)`, `x: [d]`, ties to the
-    lower index. `key_fn` is elementwise, giving nonnegative int32 or int64 keys."""
-    return _compact(top_k_words(x, key_fn, k, capacity), k)
+    lower index. `key_fn` is elementwise, giving nonnegative int32 or int64 keys. `config`
+    None: `for_backend()`."""
+    config = for_backend() if config is None else config
+    return _compact(top_k_words(x, key_fn, k, capacity, config), k, config)

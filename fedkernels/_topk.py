@@ -13,8 +13,9 @@ from fedkernels._scatter import scatter
 
 METHODS = ("auto", "lax", "radix")
 
-
-AUTO_RADIX_MIN_LENGTH = 1 << 18  # method="auto" uses radix select from this row length on
+# method="auto" uses radix select from this row length on (the default of
+# `_radix.RadixConfig.min_length`; a compressor carries its own in its config).
+AUTO_RADIX_MIN_LENGTH = _radix.DEFAULT_MIN_LENGTH
 
 
 def magnitude_key(x: jax.Array) -> jax.Array:
@@ -49,12 +50,14 @@ def _check_top_k(x: Any, k: Any, method: str) -> tuple[jax.Array, int]:
     return x, k
 
 
-def _top_k_indices(x: jax.Array, k: int, method: str) -> jax.Array:
-    """Indices (ascending) of the k largest magnitude keys per row, ties to the lower index."""
+def _top_k_indices(
+    x: jax.Array, k: int, method: str, config: _radix.RadixConfig
+) -> jax.Array:
+    """Indices (ascending) of the k largest magnitude keys per row, ties to the lower index.
+    Method "auto": `lax.top_k` below `config.min_length` coordinates per row, radix select
+    from there on (the faster of the two on each side on XLA:CPU; the same result)."""
     if method == "auto":
-        # On XLA:CPU lax.top_k on float keys wins on short rows and radix select on long ones
-        # (bench case `top_k`, methods side by side). Both give the same result.
-        method = "lax" if x.shape[-1] < AUTO_RADIX_MIN_LENGTH else "radix"
+        method = "lax" if x.shape[-1] < config.min_length else "radix"
     if method == "lax":
         # lax.top_k breaks ties toward the lower index, which is the rule we document. The keys
         # go back to float (|x| with NaN kept), where XLA:CPU's top_k is much faster than on
@@ -67,13 +70,15 @@ def _top_k_indices(x: jax.Array, k: int, method: str) -> jax.Array:
         return jnp.sort(indices, axis=-1)
     # "auto" and "radix": exact threshold search on the keys (fedkernels/_radix.py).
     if x.ndim == 1:
-        return _radix.top_k_indices_radix(x, magnitude_key, k)
+        return _radix.top_k_indices_radix(x, magnitude_key, k, config=config)
     rows = x.reshape(-1, x.shape[-1])
-    _, indices = _radix.top_k_rows((rows,), lambda a: a, magnitude_key, k)
+    _, indices = _radix.top_k_rows((rows,), lambda a: a, magnitude_key, k, config=config)
     return indices.reshape(*x.shape[:-1], k)
 
 
-def top_k_row_words(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def top_k_row_words(
+    x: jax.Array, k: int, config: _radix.RadixConfig
+) -> tuple[jax.Array, jax.Array]:
     """One row `x` `[d]` -> (bit-packed selection mask uint32 `[ceil(d/32)]`, indices `[k]`
     ascending): the set `top_k(x, k)` selects (method "auto"), as a mask and as indices.
 
@@ -81,10 +86,10 @@ def top_k_row_words(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     feedback) instead of scattering into `[d]`.
     """
     d = x.shape[-1]
-    if d >= AUTO_RADIX_MIN_LENGTH:
-        words = _radix.top_k_words(x, magnitude_key, k)
-        return words, _radix._compact(words, k)
-    indices = _top_k_indices(x, k, "lax").astype(jnp.int32)
+    if d >= config.min_length:
+        words = _radix.top_k_words(x, magnitude_key, k, config=config)
+        return words, _radix._compact(words, k, config)
+    indices = _top_k_indices(x, k, "lax", config).astype(jnp.int32)
     bits = lax.bitcast_convert_type(
         jnp.uint32(1) << (indices % _radix.WORD).astype(jnp.uint32), jnp.int32
     )
@@ -93,20 +98,21 @@ def top_k_row_words(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def top_k_rows_words(
-    rows: tuple[jax.Array, ...], combine: Any, k: int
+    rows: tuple[jax.Array, ...], combine: Any, k: int, config: _radix.RadixConfig
 ) -> tuple[jax.Array, jax.Array]:
     """`top_k_row_words` for each row of `combine(*rows)` (arrays `[C, d]`, `combine`
     elementwise): `(words uint32 [C, ceil(d/32)], indices int32 [C, k])`, the sum (or other
     combination) never stored. Radix select's passes run over the whole batch
     (`_radix.top_k_rows`)."""
     d = rows[0].shape[-1]
-    if d >= AUTO_RADIX_MIN_LENGTH:
-        return _radix.top_k_rows(rows, combine, magnitude_key, k)
-    return _radix.map_rows(lambda *r: top_k_row_words(combine(*r), k), rows)
+    if d >= config.min_length:
+        return _radix.top_k_rows(rows, combine, magnitude_key, k, config=config)
+    return _radix.map_rows(lambda *r: top_k_row_words(combine(*r), k, config), rows, config)
 
 
 def top_k_rows_feedback(
-    rows: tuple[jax.Array, ...], combine: Any, k: int, *, radix: bool = False
+    rows: tuple[jax.Array, ...], combine: Any, k: int, config: _radix.RadixConfig, *,
+    radix: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Top-k with error feedback on each row of `acc = combine(*rows)` (arrays `[C, d]`),
     `acc` never stored: `(values [C, k], indices int32 [C, k] ascending, unsent [C, d])`,
@@ -114,9 +120,9 @@ def top_k_rows_feedback(
     the selection's bit-packed mask). The selection is `top_k_rows_words` (method by row
     length), or radix select whatever the length with `radix=True`."""
     if radix:
-        words, indices = _radix.top_k_rows(rows, combine, magnitude_key, k)
+        words, indices = _radix.top_k_rows(rows, combine, magnitude_key, k, config=config)
     else:
-        words, indices = top_k_rows_words(rows, combine, k)
+        words, indices = top_k_rows_words(rows, combine, k, config)
     values = combine(*(jnp.take_along_axis(a, indices, axis=-1) for a in rows))
     unsent = jax.vmap(_radix.select_unset)(words, combine(*rows))
     return values, indices, unsent
@@ -157,7 +163,7 @@ def top_k(x: Any, k: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array
     if x.size == 0:  # no rows (d >= 1 is checked): empty [..., k] results
         shape = (*x.shape[:-1], k)
         return jnp.zeros(shape, x.dtype), jnp.zeros(shape, jnp.int32)
-    indices = _top_k_indices(x, k, method).astype(jnp.int32)
+    indices = _top_k_indices(x, k, method, _radix.for_backend()).astype(jnp.int32)
     return jnp.take_along_axis(x, indices, axis=-1), indices
 
 
@@ -207,7 +213,8 @@ def top_k_with_feedback(
     if x.size == 0:  # no rows: empty selections, and the (empty) accumulated residual
         values, indices = top_k(x, k, method=method)
         return values, indices, x + residual
-    if method == "lax" or (method == "auto" and d < AUTO_RADIX_MIN_LENGTH):
+    config = _radix.for_backend()
+    if method == "lax" or (method == "auto" and d < config.min_length):
         acc = x + residual
         values, indices = top_k(acc, k, method="lax")
         # Mask by scatter-add of ones (not `.at[].set`), in the jax2tf-convertible set.
@@ -218,10 +225,10 @@ def top_k_with_feedback(
     # pass (no scatter into [d]); acc is recomputed in each pass, not stored.
     if x.ndim == 1:
         acc = x + residual
-        words = _radix.top_k_words(acc, magnitude_key, k)
-        indices = _radix._compact(words, k)
+        words = _radix.top_k_words(acc, magnitude_key, k, config=config)
+        indices = _radix._compact(words, k, config)
         return acc[indices], indices, _radix.select_unset(words, acc)
     lead = x.shape[:-1]
     rows = (x.reshape(-1, d), residual.reshape(-1, d))
-    values, indices, new_residual = top_k_rows_feedback(rows, jnp.add, k, radix=True)
+    values, indices, new_residual = top_k_rows_feedback(rows, jnp.add, k, config, radix=True)
     return values.reshape(*lead, k), indices.reshape(*lead, k), new_residual.reshape(x.shape)

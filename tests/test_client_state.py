@@ -121,7 +121,7 @@ def test_residuals_follow_client_ids_across_shuffled_cohorts():
     against a NumPy float64 per-client-id reference; the cohort order must not matter."""
     n, c, d, k = 12, 5, 64, 6
     template = {"w": jnp.zeros((d,))}
-    comp = fk.compressor(template, top_k=k, error_feedback=True, dense_threshold=0)
+    comp = fk.compressor(template, top_k_count=k, error_feedback=True, dense_threshold=0)
     store = fk.residual_store(n, comp.layout.sparse_size)
     # Same store without donation, for the shuffled copy: the donating scatter below
     # consumes `state`, so the copy is written first from the still valid `state`.

@@ -6,6 +6,7 @@ are compared element for element (indices) or bit for bit (values), ties include
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import fedkernels as fk
-from fedkernels import _radix
+from fedkernels import _radix, _topk
 from tests import _reference as ref
 
 RNG = np.random.default_rng(20261122)
@@ -42,20 +43,28 @@ def _rows(kind: str, shape: tuple[int, ...]) -> np.ndarray:
     return x.astype(np.float32)
 
 
+CPU = _radix.for_backend("cpu")  # rows mapped one at a time
+VMAP = dataclasses.replace(CPU, rows="vmap")  # rows batched, as on GPU/TPU
+ROWS = {"map": CPU, "vmap": VMAP}
+SCAN = dataclasses.replace(CPU, cumsum="scan")
+MATMUL = dataclasses.replace(CPU, cumsum="matmul")
+CUMSUM = {"scan": SCAN, "matmul": MATMUL}
+
+
+def _top_k_with(x, k: int, method: str, config: _radix.RadixConfig):
+    """`fk.top_k` with an explicit radix configuration."""
+    indices = _topk._top_k_indices(x, k, method, config).astype(jnp.int32)
+    return jnp.take_along_axis(x, indices, axis=-1), indices
+
+
 KINDS = ["normal", "ties", "few_values", "all_equal", "zeros", "nonfinite", "sorted", "subnormal"]
 
 
 @functools.cache
-def _jitted_top_k(k: int, method: str, rows: str):
-    # `rows` (`_radix.ROWS`, read at trace time) is only part of the key: one jitted function,
-    # so one compilation per shape, for each row mode.
-    return jax.jit(functools.partial(fk.top_k, k=k, method=method))
-
-
-@functools.cache
-def _jitted_feedback(k: int, method: str, rows: str):
-    # `rows`: only part of the key, as for `_jitted_top_k`.
-    return jax.jit(lambda a, r: fk.top_k_with_feedback(a, r, k, method=method))
+def _jitted_top_k(k: int, method: str, config: _radix.RadixConfig | None = None):
+    if config is None:
+        return jax.jit(functools.partial(fk.top_k, k=k, method=method))
+    return jax.jit(lambda a: _top_k_with(a, k, method, config))
 
 
 @functools.cache
@@ -68,8 +77,18 @@ def _jitted_radix_indices(k: int, capacity: int):
     return jax.jit(lambda a: _radix.top_k_indices_radix(a, fk.magnitude_key, k, capacity))
 
 
-def _check_top_k(x: np.ndarray, k: int, method: str = "radix", jit: bool = True) -> None:
-    fn = _jitted_top_k(k, method, _radix.ROWS) if jit else lambda a: fk.top_k(a, k, method=method)
+def _check_top_k(
+    x: np.ndarray, k: int, method: str = "radix", jit: bool = True,
+    config: _radix.RadixConfig | None = None,
+) -> None:
+    if jit:
+        fn = _jitted_top_k(k, method, config)
+    elif config is None:
+        def fn(a):
+            return fk.top_k(a, k, method=method)
+    else:
+        def fn(a):
+            return _top_k_with(a, k, method, config)
     values, indices = fn(jnp.asarray(x))
     want_values, want_indices = ref.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(indices), want_indices)
@@ -95,18 +114,16 @@ def test_radix_top_k_sampled_rows_equal_reference(kind, k):
 
 @pytest.mark.parametrize("rows", ["map", "vmap"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "all_equal"])
-def test_radix_top_k_batched_rows_equal_reference(kind, rows, monkeypatch):
-    monkeypatch.setattr(_radix, "ROWS", rows)
-    _check_top_k(_rows(kind, (3, 2, 70_001)), 500)
-    # Eagerly once per row mode: an eager call compiles its loops afresh each time.
-    _check_top_k(_rows(kind, (4, 50)), 10, jit=kind != "normal")
+def test_radix_top_k_batched_rows_equal_reference(kind, rows):
+    _check_top_k(_rows(kind, (3, 2, 70_001)), 500, config=ROWS[rows])
+    _check_top_k(_rows(kind, (4, 50)), 10, jit=kind != "normal", config=ROWS[rows])
 
 
 @pytest.mark.parametrize("rows", ["map", "vmap"])
-def test_radix_batch_mixing_trial_and_fallback_rows(rows, monkeypatch):
+def test_radix_batch_mixing_trial_and_fallback_rows(rows):
     # Rows whose sample trial succeeds beside rows that need the fallback bisection (heavy
     # ties): batched, the fallback is taken for the whole batch or per row, never skipped.
-    monkeypatch.setattr(_radix, "ROWS", rows)
+    config = ROWS[rows]
     kinds = ["normal", "few_values", "sorted", "all_equal", "normal"]
     x = np.stack([_rows(kind, (70_001,)) for kind in kinds])
     k = 700
@@ -119,10 +136,10 @@ def test_radix_batch_mixing_trial_and_fallback_rows(rows, monkeypatch):
     capacity = _radix.default_capacity(70_001, k)
     ok = [bool(_radix._trial_ok(g, e, k, capacity)[0]) for g, e in zip(gt, ge, strict=True)]
     assert ok[0] and not ok[4]  # the batch really mixes both kinds of row
-    _check_top_k(x, k, jit=False)
+    _check_top_k(x, k, jit=False, config=config)
     residual = _rows("normal", x.shape)
     values, indices, new_residual = jax.jit(
-        lambda a, r: fk.top_k_with_feedback(a, r, k, method="radix")
+        lambda a, r: _topk.top_k_rows_feedback((a, r), jnp.add, k, config, radix=True)
     )(jnp.asarray(x), jnp.asarray(residual))
     acc = x + residual
     want_values, want_indices = ref.top_k(acc, k)
@@ -137,8 +154,8 @@ def test_radix_batch_mixing_trial_and_fallback_rows(rows, monkeypatch):
 def test_radix_equals_lax_method(kind):
     x = jnp.asarray(_rows(kind, (2, 5000)))
     for k in (1, 100, 5000):  # jitted: compiled once per k, not per call (eager recompiles)
-        fast = _jitted_top_k(k, "radix", _radix.ROWS)(x)
-        slow = _jitted_top_k(k, "lax", _radix.ROWS)(x)
+        fast = _jitted_top_k(k, "radix")(x)
+        slow = _jitted_top_k(k, "lax")(x)
         np.testing.assert_array_equal(np.asarray(fast[1]), np.asarray(slow[1]))
         np.testing.assert_array_equal(
             np.asarray(fast[0]).view(np.int32), np.asarray(slow[0]).view(np.int32)
@@ -148,18 +165,16 @@ def test_radix_equals_lax_method(kind):
 
 @pytest.mark.parametrize("rows", ["map", "vmap"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "few_values"])
-def test_radix_feedback_matches_lax_and_conserves(kind, rows, monkeypatch):
-    monkeypatch.setattr(_radix, "ROWS", rows)  # CPU default: map; GPU/TPU default: vmap
-    # The radix path zeroes the selection through its bit-packed mask, one row at a time.
+def test_radix_feedback_matches_lax_and_conserves(kind, rows):
+    # CPU default: map; GPU/TPU default: vmap. The radix path zeroes the selection through
+    # its bit-packed mask.
     x = jnp.asarray(_rows(kind, (2, 3, 3001)))
     residual = jnp.asarray(_rows("normal", (2, 3, 3001)))
-    # Eagerly once per row mode, jitted (compiled once per mode) for the other kinds: an eager
-    # call compiles its loops afresh each time.
-    if kind == "normal":
-        fast = fk.top_k_with_feedback(x, residual, 300, method="radix")
-    else:
-        fast = _jitted_feedback(300, "radix", rows)(x, residual)
-    slow = _jitted_feedback(300, "lax", "any")(x, residual)
+    fast = _topk.top_k_rows_feedback(
+        (x.reshape(6, -1), residual.reshape(6, -1)), jnp.add, 300, ROWS[rows], radix=True
+    )
+    fast = tuple(a.reshape(2, 3, -1) for a in fast)
+    slow = fk.top_k_with_feedback(x, residual, 300, method="lax")
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
     if kind != "nonfinite":  # scatter(values) + new_residual == acc, bit for bit
@@ -175,7 +190,9 @@ def test_radix_feedback_matches_lax_and_conserves(kind, rows, monkeypatch):
 def test_top_k_row_words_mask_equals_indices_and_reference(kind, d, k):
     # Both branches: lax.top_k below AUTO_RADIX_MIN_LENGTH, radix select from there on.
     x = _rows(kind, (d,))
-    words, indices = jax.jit(fk._topk.top_k_row_words, static_argnums=1)(jnp.asarray(x), k)
+    words, indices = jax.jit(_topk.top_k_row_words, static_argnums=(1, 2))(
+        jnp.asarray(x), k, CPU
+    )
     np.testing.assert_array_equal(np.asarray(indices), ref.top_k(x, k)[1])
     assert words.shape == (-(-d // 32),) and words.dtype == jnp.uint32
     mask = np.asarray(_radix.unpack_mask(words, d))
@@ -200,11 +217,11 @@ def test_kth_largest_bisection_fallback_is_exact(kind, capacity):
 
 
 @pytest.mark.parametrize("mode", ["matmul", "scan"])
-def test_cumsum_modes_equal_numpy_including_total_bound(mode, monkeypatch):
-    monkeypatch.setattr(_radix, "CUMSUM", mode)
+def test_cumsum_modes_equal_numpy_including_total_bound(mode):
+    config = CUMSUM[mode]
     for n, max_value in [(1, 32), (31, 32), (33, 1), (70_001, 32), (300_000, 1)]:
         v = RNG.integers(0, max_value + 1, n).astype(np.int32)
-        got = _radix._cumsum(jnp.asarray(v), max_value)
+        got = _radix._cumsum(jnp.asarray(v), config, max_value)
         np.testing.assert_array_equal(np.asarray(got), np.cumsum(v))
     # Large entries with a small total (the slot marks of `_compact`): the matmul levels must
     # stay exact, since every partial sum is below 2**24.
@@ -212,19 +229,30 @@ def test_cumsum_modes_equal_numpy_including_total_bound(mode, monkeypatch):
     v = np.zeros(n, np.int32)
     v[RNG.choice(n, 5000, replace=False)] = RNG.integers(1, 3000, 5000)
     v[-1] = 2**24 - 1 - int(v[:-1].sum())  # partial sums up to 2**24 - 1
-    got = _radix._cumsum(jnp.asarray(v), 2**24, total=2**24 - 1)
+    got = _radix._cumsum(jnp.asarray(v), config, 2**24, total=2**24 - 1)
     np.testing.assert_array_equal(np.asarray(got), np.cumsum(v))
 
 
-def test_cumsum_auto_mode_is_a_known_mode():
-    assert _radix._cumsum_mode() in ("matmul", "scan")
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_radix_config_for_backend_is_explicit_and_validated(backend):
+    config = _radix.for_backend(backend)
+    assert config.rows == ("map" if backend == "cpu" else "vmap")
+    assert config.cumsum in _radix.CUMSUM_MODES
+    if backend != "cpu":
+        assert config.cumsum == "scan"
+    with pytest.raises(ValueError, match="rows.*'loop'"):
+        _radix.RadixConfig(rows="loop")
+    with pytest.raises(ValueError, match="cumsum.*'fft'"):
+        _radix.RadixConfig(cumsum="fft")
+    with pytest.raises(ValueError, match="min_length.*0"):
+        _radix.RadixConfig(min_length=0)
 
 
 @pytest.mark.parametrize("mode", ["matmul", "scan"])
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 1.0])
 @pytest.mark.parametrize("n", [1, 33, 70_000])
-def test_pack_compact_first_bits_match_numpy(n, density, mode, monkeypatch):
-    monkeypatch.setattr(_radix, "CUMSUM", mode)
+def test_pack_compact_first_bits_match_numpy(n, density, mode):
+    config = CUMSUM[mode]
     mask = RNG.random(n) < density
     words = _radix._pack(jnp.asarray(mask))
     assert words.shape == (-(-n // 32),) and words.dtype == jnp.uint32
@@ -237,28 +265,29 @@ def test_pack_compact_first_bits_match_numpy(n, density, mode, monkeypatch):
     np.testing.assert_array_equal(np.asarray(second), np.asarray(_radix._pack(jnp.asarray(other))))
     where = np.flatnonzero(mask)
     for size in {1, max(len(where), 1), max(len(where) // 3, 1)}:
-        got = np.asarray(_radix._compact(words, size))
+        got = np.asarray(_radix._compact(words, size, config))
         take = min(size, len(where))
         np.testing.assert_array_equal(got[:take], where[:take])
         assert np.all((got >= 0) & (got < len(words) * 32))
     for m in {0, 1, len(where) // 2, len(where)}:
-        kept = _radix._first_bits(words, jnp.int32(m))
+        kept = _radix._first_bits(words, jnp.int32(m), config)
         bits = (np.asarray(kept)[:, None] >> np.arange(32, dtype=np.uint32)) & 1
         np.testing.assert_array_equal(np.flatnonzero(bits.reshape(-1)), where[:m])
 
 
 @pytest.mark.parametrize("mode", ["matmul", "scan"])
-def test_compact_runs_of_full_and_empty_words(mode, monkeypatch):
+def test_compact_runs_of_full_and_empty_words(mode):
     # `_compact` counts bits per group of 4 words (bytes of one uint32): runs of set bits
     # give groups of 128 (the largest byte value), empty groups, and partial words between.
-    monkeypatch.setattr(_radix, "CUMSUM", mode)
+    config = CUMSUM[mode]
     n = 40_000 + 13
     mask = (np.arange(n) // 97) % 3 == 0
     mask[-5:] = True  # set bits in the padded last group
     where = np.flatnonzero(mask)
     words = _radix._pack(jnp.asarray(mask))
     for size in (1, 100, len(where) - 1, len(where)):
-        np.testing.assert_array_equal(np.asarray(_radix._compact(words, size)), where[:size])
+        got = _radix._compact(words, size, config)
+        np.testing.assert_array_equal(np.asarray(got), where[:size])
 
 
 def test_select_bit_every_rank():

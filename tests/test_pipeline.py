@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 import fedkernels as fk
-from fedkernels import _pipeline
+from fedkernels import _radix
+from fedkernels._pipeline.encode import row_norms
 from tests import _reference as ref
 
 # Template: a 40x30 weight (1200 > threshold: sparse segment) and a 30-bias (dense segment).
@@ -25,32 +27,30 @@ THRESHOLD = 100
 D_SPARSE, D_DENSE = 1200, 30
 KEY = jax.random.PRNGKey(0)
 # One setting shared by several tests (same cohort size 5), so they reuse one compilation.
-EF8 = {"top_k": 25, "error_feedback": True, "bits": 8, "dense_threshold": THRESHOLD}
+EF8 = {"top_k_count": 25, "error_feedback": True, "bits": 8, "dense_threshold": THRESHOLD}
 
 
-def _use_selection(name, monkeypatch):
-    if name.startswith("radix"):
-        monkeypatch.setattr(fk._topk, "AUTO_RADIX_MIN_LENGTH", 1)
+def _selection(name: str) -> dict:
+    """The compressor options of one of the pipeline's row selections."""
+    radix = _radix.for_backend("cpu")
+    if name.startswith("radix"):  # radix select whatever the row length
+        radix = dataclasses.replace(radix, min_length=1)
     if name == "radix-vmap":  # the batched rows used on GPU/TPU, run here on CPU
-        monkeypatch.setattr(fk._radix, "ROWS", "vmap")
-    _pipeline._build.cache_clear()  # compressors are cached per config: trace afresh
+        radix = dataclasses.replace(radix, rows="vmap")
+    return {"radix": radix}
 
 
 @pytest.fixture(params=["lax", "radix"])
-def selection(request, monkeypatch):
-    """Runs a test with each of the pipeline's row selections: `lax.top_k` (rows below
-    `AUTO_RADIX_MIN_LENGTH`, as here) and radix select with its bit-packed mask (forced)."""
-    _use_selection(request.param, monkeypatch)
-    yield request.param
-    _pipeline._build.cache_clear()
+def selection(request):
+    """Options running a test with each of the pipeline's row selections: `lax.top_k` (rows
+    below `RadixConfig.min_length`, as here) and radix select with its bit-packed mask."""
+    return _selection(request.param)
 
 
 @pytest.fixture(params=["lax", "radix", "radix-vmap"])
-def any_selection(request, monkeypatch):
+def any_selection(request):
     """As `selection`, plus radix select with the rows batched by vmap (the GPU/TPU path)."""
-    _use_selection(request.param, monkeypatch)
-    yield request.param
-    _pipeline._build.cache_clear()
+    return _selection(request.param)
 
 
 def make_updates(c: int, seed: int = 0) -> dict[str, jnp.ndarray]:
@@ -99,7 +99,7 @@ def mean_np(mean) -> tuple[np.ndarray, np.ndarray]:
 
 def test_layout_sizes_and_payload_bytes_are_the_real_arrays():
     # The settings of test_error_feedback_conservation[topk-8bit] (one compilation for both).
-    comp = fk.compressor(TEMPLATE, top_k=0.05, bits=8, error_feedback=True,
+    comp = fk.compressor(TEMPLATE, top_k_fraction=0.05, bits=8, error_feedback=True,
                          dense_threshold=THRESHOLD)
     lay = comp.layout
     assert (lay.size, lay.sparse_size, lay.dense_size, lay.k) == (1230, 1200, 30, 60)
@@ -113,12 +113,15 @@ def test_layout_sizes_and_payload_bytes_are_the_real_arrays():
     assert lay.compression_ratio == pytest.approx(1230 * 4 / per_client)
 
 
-def test_dense_threshold_default_sends_small_leaves_dense():
-    comp = fk.compressor(TEMPLATE, top_k=0.5)  # TFF's 20000: every leaf here is small
-    assert comp.layout.sparse_size == 0 and comp.layout.dense_size == 1230
+def test_dense_threshold_sends_small_leaves_dense():
+    # Every coordinate kept (top_k_fraction=1.0): the 30-bias is sent dense, the weight through
+    # the sparse segment; both exactly.
+    comp = fk.compressor(TEMPLATE, top_k_fraction=1.0, dense_threshold=THRESHOLD)
+    assert comp.layout.sparse_size == 1200 and comp.layout.dense_size == 30
     result = comp.round(make_updates(4), KEY)
-    expected = np.asarray(make_updates(4)["w"], np.float64).mean(0)
-    np.testing.assert_allclose(result.mean["w"], expected, rtol=1e-5, atol=1e-6)
+    for leaf in ("w", "b"):
+        expected = np.asarray(make_updates(4)[leaf], np.float64).mean(0)
+        np.testing.assert_allclose(result.mean[leaf], expected, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,7 +134,8 @@ def test_topk_round_equals_numpy_reference(aggregation, selection):
     c, k = 6, 50
     updates = make_updates(c)
     weights = np.arange(1.0, c + 1)
-    comp = fk.compressor(TEMPLATE, top_k=k, dense_threshold=THRESHOLD, aggregation=aggregation)
+    comp = fk.compressor(TEMPLATE, **selection, top_k_count=k, dense_threshold=THRESHOLD,
+                         aggregation=aggregation)
     result = comp.round(updates, KEY, weights=weights)
     sparse_mean, dense_mean, _ = reference_round(updates, k, weights=weights,
                                                  aggregation=aggregation)
@@ -151,13 +155,14 @@ def test_uncompressed_round_is_the_weighted_mean():
         x = np.asarray(updates[leaf], np.float64)
         expected = np.tensordot(weights, x, axes=1) / weights.sum()
         np.testing.assert_allclose(result.mean[leaf], expected, rtol=1e-5, atol=1e-6)
-    assert result.metrics.payload_bytes == 1230 * 4
+    assert result.metrics.payload_bytes_per_client == 1230 * 4
     assert result.metrics.compression_ratio == 1.0
 
 
 def test_error_feedback_residual_equals_reference_over_rounds(selection):
     c, k = 4, 30
-    comp = fk.compressor(TEMPLATE, top_k=k, error_feedback=True, dense_threshold=THRESHOLD)
+    comp = fk.compressor(TEMPLATE, **selection, top_k_count=k, error_feedback=True,
+                         dense_threshold=THRESHOLD)
     residuals = jnp.zeros((c, D_SPARSE))
     ref_res = np.zeros((c, D_SPARSE))
     for r in range(3):
@@ -176,10 +181,10 @@ def test_error_feedback_residual_equals_reference_over_rounds(selection):
 
 
 CONSERVATION_OPTIONS = {
-    "topk-8bit": {"top_k": 0.05, "bits": 8},
+    "topk-8bit": {"top_k_fraction": 0.05, "bits": 8},
     "4bit": {"bits": 4},
-    "randomk-8bit": {"top_k": 40, "random_k": True, "bits": 8},
-    "shared-range": {"top_k": 0.05, "bits": 4, "shared_range": (-1.0, 1.0)},
+    "randomk-8bit": {"top_k_count": 40, "random_k": True, "bits": 8},
+    "shared-range": {"top_k_fraction": 0.05, "bits": 4, "shared_range": (-1.0, 1.0)},
 }
 
 
@@ -189,14 +194,18 @@ CONSERVATION_OPTIONS = {
         pytest.param(options, selection, id=f"{name}-{selection}")
         for name, options in CONSERVATION_OPTIONS.items()
         # Without top_k nothing is selected: the three selections would compile one program.
-        for selection in (["lax", "radix", "radix-vmap"] if "top_k" in options else ["lax"])
+        for selection in (
+            ["lax", "radix", "radix-vmap"] if {"top_k_fraction", "top_k_count"} & options.keys()
+            else ["lax"]
+        )
     ],
     indirect=["any_selection"],
 )
 def test_error_feedback_conservation(options, any_selection):
     """decoded(sent_c) + new_residual_c == update_c + residual_c for every client."""
     c = 3
-    comp = fk.compressor(TEMPLATE, error_feedback=True, dense_threshold=THRESHOLD, **options)
+    comp = fk.compressor(TEMPLATE, **any_selection, error_feedback=True,
+                         dense_threshold=THRESHOLD, **options)
     updates = make_updates(c, seed=1)
     residuals = jnp.asarray(np.random.default_rng(2).normal(size=(c, D_SPARSE)), jnp.float32)
     ids = jnp.array([7, 3, 11])
@@ -215,7 +224,7 @@ def test_error_feedback_conservation(options, any_selection):
 
 
 def test_quantized_round_is_close_and_unbiased():
-    c, bits, k = 5, 8, EF8["top_k"]
+    c, bits, k = 5, 8, EF8["top_k_count"]
     updates = make_updates(c)
     comp = fk.compressor(TEMPLATE, **EF8)  # zero residuals: a plain top-k + 8-bit round
     zeros = jnp.zeros((c, D_SPARSE))
@@ -284,7 +293,7 @@ def test_shared_range_commutes_with_the_sum(top_k):
     c = 3
     # With top-k: the settings of test_error_feedback_conservation[shared-range].
     comp = fk.compressor(TEMPLATE, error_feedback=True, dense_threshold=THRESHOLD,
-                         top_k=top_k, bits=4, shared_range=(-1.0, 1.0))
+                         top_k_fraction=top_k, bits=4, shared_range=(-1.0, 1.0))
     updates = make_updates(c, seed=3)
     payload, _, report = comp.encode(updates, jnp.zeros((c, D_SPARSE)), jnp.array([9, 4, 8]),
                                      KEY)
@@ -303,7 +312,7 @@ def test_shared_range_commutes_with_the_sum(top_k):
 def test_random_k_is_unbiased():
     template = {"w": jnp.zeros((200,))}
     x = jax.random.normal(KEY, (2, 200))
-    comp = fk.compressor(template, top_k=20, random_k=True, dense_threshold=0)
+    comp = fk.compressor(template, top_k_count=20, random_k=True, dense_threshold=0)
     draws = np.stack([
         np.asarray(comp.round({"w": x}, jax.random.PRNGKey(s)).mean["w"], np.float64)
         for s in range(200)
@@ -326,7 +335,7 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
     updates["w"] = updates["w"].at[1, 3, 4].set(jnp.nan)
     updates["b"] = updates["b"].at[3, 0].set(jnp.inf)
     residuals = jnp.asarray(np.random.default_rng(4).normal(size=(c, D_SPARSE)), jnp.float32)
-    comp = fk.compressor(TEMPLATE, **EF8)
+    comp = fk.compressor(TEMPLATE, **any_selection, **EF8)
     result = comp.round(updates, KEY, residuals=residuals)
     m = result.metrics
     assert int(m.num_excluded) == 2
@@ -347,7 +356,7 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
         np.testing.assert_allclose(result.mean[leaf], alone.mean[leaf], rtol=1e-5, atol=1e-6)
         assert bool(jnp.all(jnp.isfinite(result.mean[leaf])))
 
-    raising = fk.compressor(TEMPLATE, **EF8, on_nonfinite="raise")
+    raising = fk.compressor(TEMPLATE, **any_selection, **EF8, on_nonfinite="raise")
     with pytest.raises(ValueError, match=r"cohort positions \[1, 3\]"):
         raising.round(updates, KEY, residuals=residuals)
 
@@ -356,9 +365,9 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
     "residual_dtype, selection", [(jnp.float32, "lax"), (jnp.bfloat16, "radix")],
     indirect=["selection"],
 )
-def test_top_k_round_flat_and_2d_indexing_agree(residual_dtype, selection, monkeypatch):
+def test_top_k_round_flat_and_2d_indexing_agree(residual_dtype, selection):
     """The top-k round gathers and scatters through flat int32 positions while `C * d_s` fits
-    (`FLAT_INDEX_LIMIT`), through 2-D indices beyond: both give the same round, including an
+    (`flat_index_limit`), through 2-D indices beyond: both give the same round, including an
     excluded client's restored residual, with and without quantization. Each residual dtype
     and each selection is run (paired, not crossed: the indexing comes after the selection
     and the residual's cast, which do not depend on each other; each pair is 4 compilations)."""
@@ -369,11 +378,10 @@ def test_top_k_round_flat_and_2d_indexing_agree(residual_dtype, selection, monke
         np.random.default_rng(8).normal(size=(c, D_SPARSE)), jnp.float32
     ).astype(residual_dtype)
     results = []
-    for limit in (_pipeline.FLAT_INDEX_LIMIT, 0):
-        monkeypatch.setattr(_pipeline, "FLAT_INDEX_LIMIT", limit)
+    for limit in (2**31 - 1, 0):
         for bits in (8, None):
-            _pipeline._build.cache_clear()
-            comp = fk.compressor(TEMPLATE, **{**EF8, "bits": bits})
+            comp = fk.compressor(TEMPLATE, **selection, **{**EF8, "bits": bits},
+                                 flat_index_limit=limit)
             results.append(comp.round(updates, KEY, residuals=residuals))
     for flat, two_d in zip(results[:2], results[2:], strict=True):
         np.testing.assert_array_equal(flat.residuals, two_d.residuals)
@@ -389,7 +397,7 @@ def test_row_norms_match_float64(d):
     rng = np.random.default_rng(d)
     x = (rng.normal(size=(3, d)) * np.array([[1.0], [1e-3], [50.0]])).astype(np.float32)
     x[1, -1] = 7.0  # in the tail
-    got = jax.jit(_pipeline._row_norms)(jnp.asarray(x))
+    got = jax.jit(row_norms)(jnp.asarray(x))
     want = np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=1))
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
 
@@ -434,7 +442,7 @@ def test_empty_and_all_excluded_cohorts_give_zeros():
 
 def test_chunked_equals_unchunked(selection):
     c = 5  # not a multiple of the chunk: the last chunk is padded
-    comp = fk.compressor(TEMPLATE, **EF8)
+    comp = fk.compressor(TEMPLATE, **selection, **EF8)
     updates = make_updates(c, seed=5)
     ids = jnp.asarray(np.random.default_rng(0).permutation(50)[:c])
     residuals = jnp.asarray(np.random.default_rng(6).normal(size=(c, D_SPARSE)), jnp.float32)
@@ -470,7 +478,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     assert len(jax.devices()) == 4, jax.devices()
     template = {"b": jnp.zeros((30,)), "w": jnp.zeros((40, 30))}
     # No quantization: sharding does not depend on it, and bit packing is slow to compile.
-    comp = fk.compressor(template, top_k=25, error_feedback=True, dense_threshold=100)
+    comp = fk.compressor(template, top_k_count=25, error_feedback=True, dense_threshold=100)
     rng = np.random.default_rng(0)
     c = 10  # not a multiple of 4: padded with absent clients
     updates = {"b": jnp.asarray(rng.normal(size=(c, 30)), jnp.float32),
@@ -526,7 +534,7 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
     import fedkernels as fk
     assert jax.process_count() == 2 and len(jax.devices()) == 2, jax.devices()
     template = {"b": jnp.zeros((30,)), "w": jnp.zeros((40, 30))}
-    comp = fk.compressor(template, top_k=25, error_feedback=True, dense_threshold=100)
+    comp = fk.compressor(template, top_k_count=25, error_feedback=True, dense_threshold=100)
     rng = np.random.default_rng(0)  # the same cohort in both processes
     c = 8
     updates = {"b": rng.normal(size=(c, 30)).astype(np.float32),
@@ -607,14 +615,16 @@ def test_two_processes_with_jax_distributed_equal_one_process():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"top_k": 0}, "top_k.*0"),
-        ({"top_k": 1.5}, "top_k.*1.5"),
-        ({"top_k": -0.1}, "top_k.*-0.1"),
-        ({"top_k": 5000, "dense_threshold": 100}, "top_k.*5000"),
+        ({"top_k_count": 0}, "top_k_count.*0"),
+        ({"top_k_fraction": 1.5}, "top_k_fraction.*1.5"),
+        ({"top_k_fraction": -0.1}, "top_k_fraction.*-0.1"),
+        ({"top_k_fraction": 0.0}, r"top_k_fraction.*\(0, 1\].*0.0"),
+        ({"top_k_count": 5000, "dense_threshold": 100}, "top_k_count.*5000"),
+        ({"top_k_count": 5, "top_k_fraction": 0.1}, "at most one of top_k_fraction and"),
         ({"bits": 0}, "bits.*0"),
         ({"bits": 17}, "bits.*17"),
         ({"dense_threshold": -1}, "dense_threshold.*-1"),
-        ({"random_k": True}, "random_k.*top_k=None"),
+        ({"random_k": True}, "random_k.*top_k_fraction or top_k_count"),
         ({"shared_range": (1.0, 1.0), "bits": 8}, r"shared_range.*\(1.0, 1.0\)"),
         ({"shared_range": (-1.0, 1.0)}, "shared_range.*bits=None"),
         ({"aggregation": "median"}, "aggregation.*median"),
@@ -627,7 +637,8 @@ def test_bad_config_raises_value_error_naming_argument_and_value(options, messag
 
 
 def test_bad_call_arguments_raise():
-    comp = fk.compressor(TEMPLATE, top_k=10, error_feedback=True, dense_threshold=THRESHOLD)
+    comp = fk.compressor(TEMPLATE, top_k_count=10, error_feedback=True,
+                         dense_threshold=THRESHOLD)
     with pytest.raises(ValueError, match="residuals must be given"):
         comp.round(make_updates(2), KEY)
     with pytest.raises(ValueError, match=r"residuals must have shape \(2, 1200\)"):

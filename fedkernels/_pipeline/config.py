@@ -1,0 +1,148 @@
+"""The compressor's settings: declared once, validated once, frozen and hashable.
+
+Every option of `fedkernels.compressor` is a field of `CompressorConfig`; its check lives in
+`__post_init__`, so a config that exists is valid. The other modules read the derived,
+explicit choices (`quantizer`) instead of testing combinations of fields themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedkernels import _validate
+from fedkernels._quantize import MAX_BITS
+from fedkernels._radix import RadixConfig, for_backend
+
+AGGREGATIONS = ("mean", "masked_mean")
+ON_NONFINITE = ("exclude", "raise")
+# `dense_threshold=None` with quantization alone: leaves of at most this many elements stay
+# float32 (a bias or a normalisation scale; the large leaves carry most of the parameters).
+AUTO_QUANTIZED_THRESHOLD = 1000
+# Below this share of the parameters in compressed leaves, building a compressor warns.
+MIN_COMPRESSED_FRACTION = 0.9
+# Largest `C * d_s` whose positions the top-k encoder indexes as flat int32 (beyond, 2-D).
+FLAT_INDEX_LIMIT = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressorConfig:
+    """Validated, hashable compressor settings (see `fedkernels.compressor` for their meaning).
+
+    Building one checks every field (ValueError/TypeError naming the field and its value) and
+    normalises it (Python ints and floats, a `(lo, hi)` tuple), so two equal configs compile
+    to the same functions.
+    """
+
+    top_k_fraction: float | None = None
+    top_k_count: int | None = None
+    error_feedback: bool = False
+    bits: int | None = None
+    dense_threshold: int | None = None
+    random_k: bool = False
+    shared_range: tuple[float, float] | None = None
+    aggregation: str = "mean"
+    on_nonfinite: str = "exclude"
+    backend: str | None = None
+    radix: RadixConfig | None = None
+    flat_index_limit: int = FLAT_INDEX_LIMIT
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        fraction, count = self.top_k_fraction, self.top_k_count
+        if fraction is not None and count is not None:
+            raise ValueError(
+                "pass at most one of top_k_fraction and top_k_count, got "
+                f"top_k_fraction={fraction!r} and top_k_count={count!r}"
+            )
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+                raise TypeError(f"top_k_fraction must be a float in (0, 1], got {fraction!r}")
+            if not (0.0 < float(fraction) <= 1.0):
+                raise ValueError(f"top_k_fraction must be in (0, 1], got {float(fraction)}")
+            put("top_k_fraction", float(fraction))
+        if count is not None:
+            put("top_k_count", _validate.static_int("top_k_count", count, 1))
+        for name in ("error_feedback", "random_k"):
+            flag = getattr(self, name)
+            if not isinstance(flag, bool | np.bool_):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+            put(name, bool(flag))
+        if self.bits is not None:
+            put("bits", _validate.static_int("bits", self.bits, 1, MAX_BITS))
+        if self.dense_threshold is None:
+            put("dense_threshold", self.auto_dense_threshold())
+        put("dense_threshold", _validate.static_int("dense_threshold", self.dense_threshold, 0))
+        if self.random_k and not self.selects:
+            raise ValueError(
+                "random_k=True needs top_k_fraction or top_k_count (how many coordinates to "
+                "draw), got neither"
+            )
+        shared_range = self.shared_range
+        if shared_range is not None:
+            if self.bits is None:
+                raise ValueError(f"shared_range={shared_range!r} needs bits, got bits=None")
+            try:
+                lo, hi = (float(v) for v in shared_range)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"shared_range must be a pair (lo, hi), got {shared_range!r}"
+                ) from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(
+                    f"shared_range must be finite with lo < hi, got {shared_range!r}"
+                )
+            put("shared_range", (lo, hi))
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}"
+            )
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
+            )
+        # Resolved here, once: the compiled functions never look at the process's backend.
+        if self.backend is None:
+            put("backend", jax.default_backend())
+        elif not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a str such as 'cpu' or 'gpu', got {self.backend!r}")
+        if self.radix is None:
+            put("radix", for_backend(self.backend))
+        elif not isinstance(self.radix, RadixConfig):
+            raise TypeError(f"radix must be a RadixConfig or None, got {self.radix!r}")
+        put("flat_index_limit", _validate.static_int("flat_index_limit", self.flat_index_limit, 0))
+
+    @property
+    def selects(self) -> bool:
+        """True when a top-k or random-k selection is asked for."""
+        return self.top_k_fraction is not None or self.top_k_count is not None
+
+    @property
+    def compresses(self) -> bool:
+        """True when the settings compress (a selection or quantization)."""
+        return self.selects or self.bits is not None
+
+    def auto_dense_threshold(self) -> int:
+        """`dense_threshold=None`: 0 with a selection (top-k is global over the flattened
+        model, so small leaves compete on magnitude like every other coordinate and cost
+        nothing extra), `AUTO_QUANTIZED_THRESHOLD` with quantization alone (leaves such as
+        biases stay exact; their float32 cost is small beside the quantized large leaves),
+        0 without compression."""
+        if self.selects or self.bits is None:
+            return 0
+        return AUTO_QUANTIZED_THRESHOLD
+
+    @property
+    def quantizer(self) -> str:
+        """How the kept values travel: "float32" (bits=None), "own_range" (each client's
+        [min, max]) or "shared_range" (every client's against the same [lo, hi])."""
+        if self.bits is None:
+            return "float32"
+        return "own_range" if self.shared_range is None else "shared_range"

@@ -1,0 +1,393 @@
+"""Client side: a cohort chunk's updates `[C, d]` -> payloads, new residuals, who took part.
+
+Per client: `acc = update + residual` on the sparse segment, select k coordinates (the
+selector: "top_k", "random_k" or "none"), quantize the kept values (the quantizer:
+"float32", "own_range" or "shared_range"), bit-pack codes and indices. `encode` picks one of
+three encoders from those two static choices (`ENCODERS`); they share the rules below:
+
+- A client is *included* when it is present (not padding) and its `acc`, its dense segment
+  and its decoded values are finite (`finite_rows`); otherwise it uploads nothing.
+- Full error feedback: the new residual is `acc - decoded(sent)` (selection and
+  quantization error), and an excluded client keeps its old residual (`keep_old_residuals`):
+  nothing was sent, nothing is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fedkernels._pipeline.config import CompressorConfig
+from fedkernels._pipeline.layout import Layout, split
+from fedkernels._quantize import (
+    decodes_finite,
+    dequantize,
+    pack_bits,
+    quantize,
+    quantize_rows,
+    unpack_bits,
+)
+from fedkernels._scatter import scatter
+from fedkernels._topk import _top_k_indices, top_k_rows_words
+
+
+class Payload(NamedTuple):
+    """What a cohort uploads: one row per client. Unused parts are zero-width arrays.
+
+    A client's upload is the concatenation of its rows; `Layout.payload_bytes` is their size.
+    """
+
+    indices: jax.Array  # shape=[C, ceil(k/32)*index_bits], dtype=uint32: bit-packed indices
+    values: jax.Array  # shape=[C, k], dtype=float32: unquantized values (bits=None), else [C, 0]
+    codes: jax.Array  # shape=[C, ceil(k/32)*bits], dtype=uint32: bit-packed quantization codes
+    minimum: jax.Array  # shape=[C] or [C, 0], dtype=float32: per-client range (not shared mode)
+    maximum: jax.Array  # shape=[C] or [C, 0], dtype=float32
+    dense: jax.Array  # shape=[C, d_d], dtype=float32: the small leaves, sent as is
+
+
+class ClientReport(NamedTuple):
+    """Per-client results of encoding."""
+
+    included: jax.Array  # shape=[C], dtype=bool: False for excluded (non-finite) or padding
+    residual_norm: jax.Array  # shape=[C], dtype=float32: L2 norm of the new residual
+
+
+Encoded = tuple[Payload, jax.Array | None, ClientReport]
+
+# --------------------------------------------------------------------------------------------
+# Shared rules
+# --------------------------------------------------------------------------------------------
+
+
+def finite_rows(x: jax.Array) -> jax.Array:
+    """bool [C]: every entry of the row is finite."""
+    return jnp.all(jnp.isfinite(x), axis=1)
+
+
+def keep_old_residuals(new: jax.Array, old: jax.Array, included: jax.Array) -> jax.Array:
+    """`where(included[:, None], new, old)`: an excluded client keeps its old residual.
+
+    Written without a pass over the rows kept: a loop over the others (usually none) copies
+    each old row back into `new`, in place."""
+    order = jnp.argsort(included)  # the rows to restore first (False sorts before True)
+
+    def restore(j, out):
+        row = order[j]
+        return lax.dynamic_update_index_in_dim(
+            out, lax.dynamic_index_in_dim(old, row, keepdims=False).astype(out.dtype), row, 0
+        )
+
+    return lax.fori_loop(0, jnp.sum(~included), restore, new)
+
+
+# Column block and blocks per loop step of `row_norms` (bench case
+# `round_topk1%_ef_8bit`): `jnp.sum(x * x, 1)` writes `x * x` out first on XLA:CPU, and
+# narrower or wider blocks were slower.
+_NORM_BLOCK = 2048
+_NORM_BLOCKS_PER_STEP = 8
+
+
+def row_norms(x: jax.Array) -> jax.Array:
+    """Euclidean norm of each row of float32 `[C, d]`, in one read of `x`: a loop over column
+    blocks adds `block**2` into a `[C, _NORM_BLOCK]` accumulator (cache-resident), summed at
+    the end. XLA:CPU's own row reduction is slower for long rows."""
+    c, d = x.shape
+    span = _NORM_BLOCK * _NORM_BLOCKS_PER_STEP
+    steps = d // span
+    if steps == 0:
+        return jnp.sqrt(jnp.sum(x * x, axis=1))
+
+    def step(i, acc):
+        for j in range(_NORM_BLOCKS_PER_STEP):
+            block = lax.dynamic_slice_in_dim(x, (i * _NORM_BLOCKS_PER_STEP + j) * _NORM_BLOCK,
+                                             _NORM_BLOCK, axis=1)
+            acc = acc + block * block
+        return acc
+
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((c, _NORM_BLOCK), jnp.float32))
+    tail = x[:, steps * span :]
+    return jnp.sqrt(jnp.sum(acc, axis=1) + jnp.sum(tail * tail, axis=1))
+
+
+def _residual_report(
+    new_residuals: jax.Array | None, old_residuals: jax.Array | None, included: jax.Array
+) -> tuple[jax.Array | None, jax.Array]:
+    """(new residuals with excluded clients' old rows kept, their norms); no error feedback:
+    (None, zeros)."""
+    if new_residuals is None:
+        return None, jnp.zeros(included.shape, jnp.float32)
+    new_residuals = keep_old_residuals(new_residuals, old_residuals, included)
+    return new_residuals, row_norms(new_residuals)
+
+
+def client_keys(key: jax.Array, client_ids: jax.Array, stream: int) -> jax.Array:
+    # Per-client randomness from the client's id, not its position in the cohort, so chunking,
+    # sharding and cohort order do not change the draws.
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), stream))(client_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizers: values [C, k] -> (packed codes, minimum, maximum, decoded [C, k])
+# --------------------------------------------------------------------------------------------
+
+
+def _quantize_float32(config, values, keys):
+    c = values.shape[0]
+    empty = jnp.zeros((c, 0), jnp.float32)
+    return jnp.zeros((c, 0), jnp.uint32), empty, empty, values
+
+
+def _quantize_own_range(config, values, keys):
+    q = jax.vmap(lambda v, kk: quantize(v, kk, config.bits))(values, keys)
+    return q.packed, q.minimum, q.maximum, dequantize(q)
+
+
+def _quantize_shared_range(config, values, keys):
+    bits = config.bits
+    lo, hi = config.shared_range
+    c, k = values.shape
+    # `quantize` takes the range from the data; two extra entries lo and hi (after clipping)
+    # pin every client's range to [lo, hi]. They quantize exactly to codes 0 and 2**bits - 1
+    # and are dropped before packing, so the payload holds only the k real codes.
+    clipped = jnp.clip(values, lo, hi)
+    pinned = jnp.concatenate(
+        [clipped, jnp.full((c, 1), lo, jnp.float32), jnp.full((c, 1), hi, jnp.float32)], axis=1
+    )
+    q = jax.vmap(lambda v, kk: quantize(v, kk, bits))(pinned, keys)
+    codes = unpack_bits(q.packed, bits, k + 2)[:, :k]
+    levels = float((1 << bits) - 1)
+    decoded = codes.astype(jnp.float32) * jnp.float32((hi - lo) / levels) + jnp.float32(lo)
+    empty = jnp.zeros((c, 0), jnp.float32)
+    return pack_bits(codes, bits), empty, empty, decoded
+
+
+QUANTIZERS: dict[str, Callable] = {
+    "float32": _quantize_float32,
+    "own_range": _quantize_own_range,
+    "shared_range": _quantize_shared_range,
+}
+
+
+def quantize_values(
+    config: CompressorConfig, values: jax.Array, client_ids: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """values [C, k] -> (packed codes, minimum, maximum, decoded) by `config.quantizer`."""
+    keys = None if config.bits is None else client_keys(key, client_ids, 1)
+    return QUANTIZERS[config.quantizer](config, values, keys)
+
+
+def _payload(
+    config: CompressorConfig,
+    layout: Layout,
+    included: jax.Array,
+    finite: jax.Array,
+    indices: jax.Array | None,
+    values: jax.Array,
+    quantized: tuple[jax.Array, jax.Array, jax.Array],
+    dense: jax.Array,
+) -> Payload:
+    """What the clients upload; excluded clients' rows are zeros (and are not counted)."""
+    c = values.shape[0]
+
+    def keep(a):
+        return jnp.where(included.reshape((c,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+
+    codes, minimum, maximum = quantized
+    packed_indices = (
+        jnp.zeros((c, 0), jnp.uint32)
+        if indices is None
+        else pack_bits(indices.astype(jnp.uint32), layout.index_bits)
+    )
+    return Payload(
+        indices=keep(packed_indices),
+        values=keep(values) if config.bits is None else jnp.zeros((c, 0), jnp.float32),
+        codes=keep(codes),
+        minimum=keep(minimum),
+        maximum=keep(maximum),
+        dense=keep(jnp.where(finite[:, None], dense, 0.0)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_generic(
+    config: CompressorConfig,
+    layout: Layout,
+    flat: jax.Array,
+    residuals: jax.Array | None,
+    client_ids: jax.Array,
+    present: jax.Array,
+    key: jax.Array,
+) -> Encoded:
+    """Random-k, or every coordinate sent (float32 or shared-range codes): the rules of the
+    module docstring, checking every entry of `acc`."""
+    sparse, dense = split(layout, flat)
+    acc = sparse if residuals is None else sparse + residuals.astype(jnp.float32)
+    finite = present & finite_rows(acc) & finite_rows(dense)
+    # Excluded clients encode zeros (their payload is discarded below), so no NaN flows on.
+    sparse_safe = jnp.where(finite[:, None], sparse, 0.0)
+    old_residuals = None if residuals is None else residuals.astype(jnp.float32)
+    residual_safe = (
+        None if old_residuals is None else jnp.where(finite[:, None], old_residuals, 0.0)
+    )
+    acc_safe = sparse_safe if residual_safe is None else sparse_safe + residual_safe
+    k, d_s = layout.k, layout.sparse_size
+    if layout.selector == "none":
+        indices = None
+        values = acc_safe
+    else:  # random-k
+        scores = jax.vmap(lambda kk: jax.random.uniform(kk, (d_s,)))(
+            client_keys(key, client_ids, 0)
+        )
+        # k uniform-random coordinates, no repeats: the k largest of uniform scores.
+        indices = _top_k_indices(scores, k, "auto", config.radix).astype(jnp.int32)
+        values = jnp.take_along_axis(acc_safe, indices, axis=1)
+        if not config.error_feedback:
+            values = values * jnp.float32(d_s / k)  # unbiased: E[sent] = acc
+
+    codes, minimum, maximum, decoded = quantize_values(config, values, client_ids, key)
+
+    new_residuals = None
+    if config.error_feedback:
+        if indices is None:
+            new_residuals = acc_safe - decoded
+        else:
+            new_residuals = acc_safe - scatter(decoded, indices, d_s)
+    ok_values = finite_rows(decoded)
+    if new_residuals is not None:
+        ok_values &= finite_rows(new_residuals)
+    included = finite & ok_values
+    new_residuals, residual_norm = _residual_report(new_residuals, old_residuals, included)
+    payload = _payload(
+        config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
+    )
+    return payload, new_residuals, ClientReport(included, residual_norm)
+
+
+def _encode_own_range_dense(
+    config: CompressorConfig,
+    layout: Layout,
+    flat: jax.Array,
+    residuals: jax.Array | None,
+    client_ids: jax.Array,
+    present: jax.Array,
+    key: jax.Array,
+) -> Encoded:
+    """Every coordinate of the sparse segment quantized with the client's own range (TFF's
+    `quantize_above_threshold`), in two passes over `[C, d_s]`. The range pass also finds the
+    clients with NaN/Inf (`quantize_rows`) and an overflowing decode is told from the range
+    (`decodes_finite`), so neither needs a pass of its own; excluded clients' codes are
+    computed but never sent (`_payload` zeroes them)."""
+    sparse, dense = split(layout, flat)
+    old_residuals = None if residuals is None else residuals.astype(jnp.float32)
+    acc = sparse if old_residuals is None else sparse + old_residuals
+    q, acc_finite = quantize_rows(acc, client_keys(key, client_ids, 1), config.bits)
+    finite = present & acc_finite & finite_rows(dense)
+    included = finite & decodes_finite(q)
+    new_residuals = None
+    if config.error_feedback:
+        new_residuals = acc - dequantize(q)
+        included &= finite_rows(new_residuals)
+    new_residuals, residual_norm = _residual_report(new_residuals, old_residuals, included)
+    payload = _payload(
+        config, layout, included, finite, None, acc, (q.packed, q.minimum, q.maximum), dense
+    )
+    return payload, new_residuals, ClientReport(included, residual_norm)
+
+
+def _encode_top_k(
+    config: CompressorConfig,
+    layout: Layout,
+    flat: jax.Array,
+    residuals: jax.Array | None,
+    client_ids: jax.Array,
+    present: jax.Array,
+    key: jax.Array,
+) -> Encoded:
+    """Top-k selection, in as few passes over `[C, d_s]` as possible.
+
+    With error feedback, `acc = x + residual` is written once, into the buffer that becomes
+    the new residual: radix select's counting passes (`top_k_rows_words`: the passes run over
+    the whole cohort, only the short per-client work client by client) read `acc` instead of
+    `x` and `residual`, the k values are gathered from it, and one scatter of k entries per
+    client overwrites the selected coordinates with what the server will not see (the
+    quantization error, or 0 without quantization). An excluded client's row is then put back
+    to its old residual.
+
+    Gathers and scatters index `acc` as one flat vector when `C * d_s` fits int32
+    (`config.flat_index_limit`): on XLA:CPU a 1-D gather is several times faster than
+    `take_along_axis`, and the 1-D scatter's loop runs one kernel per update, not two.
+
+    A client is excluded when it is absent or any entry of its `acc` is NaN/Inf: NaN and Inf
+    rank above every finite magnitude, so they are selected first and checking the k selected
+    values finds them (the rule of the module docstring).
+    """
+    c = flat.shape[0]
+    sparse, dense = split(layout, flat)
+    k, d_s = layout.k, layout.sparse_size
+    flat_index = c * d_s <= config.flat_index_limit
+    if residuals is None:
+        acc_flat = sparse.reshape(-1)
+    else:
+        acc_flat = sparse.reshape(-1) + residuals.astype(jnp.float32).reshape(-1)
+    acc = acc_flat.reshape(c, d_s)
+    _, indices = top_k_rows_words((acc,), lambda a: a, k, config.radix)
+    if flat_index:
+        positions = (indices + jnp.arange(c, dtype=jnp.int32)[:, None] * d_s).reshape(-1)
+        values = acc_flat[positions].reshape(c, k)
+    else:
+        values = jnp.take_along_axis(acc, indices, axis=1)
+    finite = present & finite_rows(values) & finite_rows(dense)
+    values = jnp.where(finite[:, None], values, 0.0)  # excluded clients send zeros (dropped)
+    codes, minimum, maximum, decoded = quantize_values(config, values, client_ids, key)
+    included = finite & finite_rows(decoded)
+
+    new_residuals = None
+    if config.error_feedback:
+        # What the server will not see of the selected coordinates. Ascending, distinct, in
+        # range: said so, XLA:CPU scatters in place.
+        unseen = values - decoded if config.bits is not None else jnp.zeros_like(values)
+        scatter_options = dict(
+            indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds"
+        )
+        if flat_index:
+            new_residuals = acc_flat.at[positions].set(
+                unseen.reshape(-1), **scatter_options
+            ).reshape(c, d_s)
+        else:
+            new_residuals = acc.at[jnp.arange(c)[:, None], indices].set(unseen, **scatter_options)
+    new_residuals, residual_norm = _residual_report(new_residuals, residuals, included)
+    payload = _payload(
+        config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
+    )
+    return payload, new_residuals, ClientReport(included, residual_norm)
+
+
+def encoder(config: CompressorConfig, layout: Layout) -> Callable[..., Encoded]:
+    """The encoder for the layout's selector and the config's quantizer."""
+    if layout.selector == "top_k":
+        return _encode_top_k
+    if layout.selector == "none" and config.quantizer == "own_range":
+        return _encode_own_range_dense
+    return _encode_generic
+
+
+def encode(
+    config: CompressorConfig,
+    layout: Layout,
+    flat: jax.Array,
+    residuals: jax.Array | None,
+    client_ids: jax.Array,
+    present: jax.Array,
+    key: jax.Array,
+) -> Encoded:
+    """Encodes a cohort chunk. flat float32 [C, d]; residuals [C, d_s] or None; present
+    bool [C] (False for padding rows)."""
+    return encoder(config, layout)(config, layout, flat, residuals, client_ids, present, key)
