@@ -78,7 +78,7 @@ def _round_point(ctx: _common.Context, num_clients: int, d: int, chunks: tuple[i
         for chunk in chunks
         if chunk < num_clients
     ]
-    k = options["top_k"]
+    k = options["top_k_count"]
     impls.append(Impl("numpy per-client loop", lambda a, b: numpy_round(a, b, k, 8, 0),
                       (host_u, host_r), False))
     return Point("round", num_clients, d, 3 * 4 * num_clients * d, impls)
