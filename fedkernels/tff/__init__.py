@@ -42,6 +42,9 @@ _NAMES = {
     "TopKProcess": "_bridge",
     "QuantizeSumProcess": "_bridge",
     "ConcatProcess": "_bridge",
+    # tff.learning FedAvg with the aggregation in JAX (numpy bridge)
+    "build_weighted_fed_avg": "_learning",
+    "BridgedFedAvgProcess": "_learning",
     # tf.numpy_function wrappers
     "numpy_function": "_numpy_function",
     "NumpyFunctionInTFFError": "_numpy_function",
