@@ -1,5 +1,5 @@
-"""`python -m bench [--quick] [--device cpu|gpu] [--suite kernels|pipeline|tff|all] [--out DIR]
-[--only OP,...]`."""
+"""`python -m bench [--quick] [--device cpu|gpu]
+[--suite kernels|pipeline|tff|tff_learning|all] [--out DIR] [--only OP,...]`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SUITES = ("kernels", "pipeline", "tff")
+SUITES = ("kernels", "pipeline", "tff", "tff_learning")
 
 
 def main(argv: list[str] | None = None) -> int:
