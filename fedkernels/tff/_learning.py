@@ -432,6 +432,13 @@ def build_weighted_fed_avg(
             f"update_transport must be one of {UPDATE_TRANSPORTS}, got {update_transport!r}"
         )
     seed = fk._validate.static_int("seed", seed, -(2**31), 2**31 - 1)
+    if chunk_size is not None:
+        chunk_size = fk._validate.static_int("chunk_size", chunk_size, 1)
+    # The compression options are checked here, before the (slow) TFF computations are built;
+    # `fk.compressor` below checks them again with the model's layout.
+    fk._pipeline._check_config(
+        top_k, error_feedback, bits, dense_threshold, False, None, aggregation, "exclude"
+    )
     learning = tff.learning
     if client_weighting is None:
         client_weighting = learning.ClientWeighting.NUM_EXAMPLES
@@ -547,8 +554,6 @@ def build_weighted_fed_avg(
         template, top_k=top_k, error_feedback=error_feedback, bits=bits,
         dense_threshold=dense_threshold, aggregation=aggregation,
     )
-    if chunk_size is not None:
-        chunk_size = fk._validate.static_int("chunk_size", chunk_size, 1)
     return BridgedFedAvgProcess(
         initialize_fn=initialize_fn,
         client_fn=client_fn,
