@@ -226,6 +226,30 @@ def test_error_feedback_residuals_follow_client_ids(feedback_process):
     np.testing.assert_array_equal(first["b"], second["b"])
 
 
+def test_uncompressed_mean_leaves_out_nonfinite_clients():
+    from fedkernels.tff._learning import _weighted_mean
+
+    rng = np.random.default_rng(5)
+    kernel = rng.standard_normal((4, 3, 2)).astype(F32)
+    bias = rng.standard_normal((4, 2)).astype(F32)
+    weights = np.array([1.0, 2.0, 0.5, 3.0], F32)
+    for bad, value in ((None, None), (1, np.nan), (3, np.inf)):
+        k, b = kernel.copy(), bias.copy()
+        if bad is not None:
+            k[bad, 0, 1] = value
+        keep = np.arange(4) != bad
+        w = weights.astype(np.float64) * keep
+        expected = [
+            np.tensordot(w, np.where(keep[:, None, None], k, 0), 1) / w.sum(),
+            np.tensordot(w, b, 1) / w.sum(),
+        ]
+        for got, ref in zip(_weighted_mean([k, b], weights), expected, strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    # No weight at all: zeros, not NaN.
+    zeros = _weighted_mean([kernel, bias], np.zeros(4, F32))
+    assert all(np.array_equal(z, np.zeros_like(z)) for z in zeros)
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 

@@ -133,6 +133,37 @@ def _check_client_ids(client_ids: Any, num_clients: int, required: bool) -> list
     return ids
 
 
+@jax.jit
+def _weighted_mean(leaves: list[jax.Array], weights: jax.Array) -> list[jax.Array]:
+    """The uncompressed round: `sum_c w_c x_c / sum_c w_c` per leaf, `[C, *shape]` to `shape`.
+
+    The compressor's rule for NaN/Inf (a client with any non-finite entry is left out), at the
+    cost of one pass: a matrix-vector product per leaf; only when a sum comes out non-finite
+    is the mean taken again without the offending clients (`fedkernels.masked_sum`). No
+    client weight (all zero, or all clients left out) gives a zero mean.
+    """
+    c = weights.shape[0]
+    rows = [x.reshape(c, -1).astype(jnp.float32) for x in leaves]
+    sums = [weights @ r for r in rows]
+    all_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(s)) for s in sums]))
+
+    def without_nonfinite_clients(_):
+        finite = jnp.ones((c,), jnp.bool_)
+        for r in rows:
+            finite &= jnp.all(jnp.isfinite(r), axis=1)
+        w = jnp.where(finite, weights, 0.0)
+        return [fk.masked_sum(r, w, jnp.ones(r.shape, jnp.bool_))[0] for r in rows], jnp.sum(w)
+
+    sums, total = jax.lax.cond(
+        all_finite, lambda _: (sums, jnp.sum(weights)), without_nonfinite_clients, None
+    )
+    has = total > 0
+    return [
+        jnp.where(has, s / jnp.where(has, total, 1.0), 0.0).astype(x.dtype).reshape(x.shape[1:])
+        for s, x in zip(sums, leaves, strict=True)
+    ]
+
+
 def _random_ids(ids: list | None, num_clients: int) -> np.ndarray:
     """int32 ids for the compressor's per-client randomness: the client ids when they are all
     integers in int32 range, else the positions in the cohort."""
@@ -185,7 +216,14 @@ class BridgedFedAvgProcess:
         self.update_transport = update_transport
         self._key = jax.random.PRNGKey(seed)
         self._chunk_size = chunk_size
+        config = compressor.config
+        # Without compression the round is a plain weighted mean: `_weighted_mean`, one pass.
+        self._compresses = (
+            config.top_k is not None or config.bits is not None or config.error_feedback
+            or config.aggregation != "mean"
+        )
         self._directory: str | None = None
+        self._buffers: dict[int, list[np.ndarray]] = {}
         self.last_round_seconds: collections.OrderedDict = collections.OrderedDict()
 
         @tf.function
@@ -267,16 +305,21 @@ class BridgedFedAvgProcess:
 
         start = time.perf_counter()
         round_num = int(state.aggregator["round_num"])
-        residuals = state.aggregator["residuals"].gather(ids) if error_feedback else None
-        result = self.compressor.round(
-            updates,
-            jax.random.fold_in(self._key, round_num),
-            client_ids=_random_ids(ids, num_clients),
-            residuals=residuals,
-            weights=np.asarray(weights, np.float32).reshape(num_clients),
-            chunk_size=self._chunk_size,
-        )
-        mean = [np.asarray(x) for x in result.mean]
+        weights = np.asarray(weights, np.float32).reshape(num_clients)
+        if self._compresses:
+            residuals = state.aggregator["residuals"].gather(ids) if error_feedback else None
+            result = self.compressor.round(
+                updates,
+                jax.random.fold_in(self._key, round_num),
+                client_ids=_random_ids(ids, num_clients),
+                residuals=residuals,
+                weights=weights,
+                chunk_size=self._chunk_size,
+            )
+            mean = [np.asarray(x) for x in result.mean]
+        else:
+            result = None
+            mean = [np.asarray(x) for x in _weighted_mean(updates, weights)]
         aggregator_state = collections.OrderedDict(round_num=np.int32(round_num + 1))
         if error_feedback:
             aggregator_state["residuals"] = state.aggregator["residuals"].replace(
@@ -314,12 +357,11 @@ class BridgedFedAvgProcess:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _aggregator_metrics(self, result: fk.RoundResult) -> collections.OrderedDict:
+    def _aggregator_metrics(self, result: fk.RoundResult | None) -> collections.OrderedDict:
         # `tff.aggregators.MeanFactory()`'s measurements (empty inner sums), then, when the
         # round compresses, the compressor's.
         metrics = collections.OrderedDict(mean_value=(), mean_weight=())
-        config = self.compressor.config
-        if config.top_k is not None or config.bits is not None or config.error_feedback:
+        if result is not None:
             metrics.update(result.metrics.as_dict())
         return metrics
 
@@ -334,7 +376,12 @@ class BridgedFedAvgProcess:
     def _read_updates(self, paths: list[str]) -> list[np.ndarray]:
         """Each leaf stacked over the clients, `[C, *shape]`, read from the files the clients
         wrote (a serialized TensorProto whose raw content is the file's tail)."""
-        updates = [np.empty((len(paths), *leaf.shape), leaf.dtype) for leaf in self._leaves]
+        # Reused across rounds of the same cohort size: fresh buffers would be page-faulted in
+        # again every round. JAX reads them within the round and keeps no reference.
+        updates = self._buffers.get(len(paths))
+        if updates is None:
+            updates = [np.empty((len(paths), *leaf.shape), leaf.dtype) for leaf in self._leaves]
+            self._buffers = {len(paths): updates}
         for c, path in enumerate(paths):
             for j, leaf in enumerate(self._leaves):
                 name = f"{path}.{j}"
@@ -383,11 +430,13 @@ def build_weighted_fed_avg(
     (`client_weighting` NUM_EXAMPLES, server optimizer SGD with learning rate 1.0, metrics
     `sum_then_finalize`). The client work (local training, client weights, metrics) is TFF's
     own and runs in TFF's worker; the clients' updates (model deltas, initial minus trained
-    trainable weights) are aggregated in the Python driver by `fedkernels.compressor(
-    template, top_k=..., error_feedback=..., bits=..., dense_threshold=...,
-    aggregation=...).round`, weighted by the client weights; the server optimizer step runs
-    as a `tf.function` in the driver. With the defaults (no compression) the round computes
-    what the stock process with `MeanFactory()` computes, up to float32 summation order.
+    trainable weights) are aggregated in the Python driver by JAX, weighted by the client
+    weights: with the compression options by `fedkernels.compressor(template, top_k=...,
+    error_feedback=..., bits=..., dense_threshold=..., aggregation=...).round`, without them
+    by a weighted mean (one matrix-vector product per leaf, the compressor's rules for
+    NaN/Inf). The server optimizer step runs as a `tf.function` in the driver. With the
+    defaults (no compression) the round computes what the stock process with `MeanFactory()`
+    computes, up to float32 summation order.
 
     Differences from the stock process: `model_aggregator` is refused (the compression options
     replace it); a client whose update holds NaN/Inf is left out of the mean (counted in the
