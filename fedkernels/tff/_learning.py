@@ -1,10 +1,10 @@
 """FedAvg for `tff.learning` users with the aggregation in JAX: the client work runs in TFF.
 
-`build_weighted_fed_avg` takes the arguments of `tff.learning.algorithms.build_weighted_fed_avg`
-and builds the same learning process from TFF's own building blocks (the broadcast
-distributor, `build_model_delta_client_work`, the server optimizer of
-`build_apply_optimizer_finalizer`), except that the clients' model deltas leave TFF's worker
-and are aggregated by `fedkernels.compressor(...).round` in the Python driver, where the JAX
+`build_weighted_fed_avg` takes the arguments of
+`tff.learning.algorithms.build_weighted_fed_avg` and builds the same learning process from
+TFF's own building blocks (the broadcast distributor, `build_model_delta_client_work`, the
+server optimizer of `build_apply_optimizer_finalizer`), except that the clients' model deltas
+leave TFF's worker and are aggregated by JAX in the Python driver, where the fedkernels
 kernels run at full speed (TFF 0.87's worker runs only TensorFlow). That is also where
 per-client state can live: top-k with error feedback keeps each client's residual under its
 client id across rounds, whichever clients are sampled (`next(state, data, client_ids=ids)`).
@@ -12,7 +12,8 @@ client id across rounds, whichever clients are sampled (`next(state, data, clien
 One round (`next`):
   1. one TFF computation: broadcast the model, run the client work (local training), return
      the client metrics and every client's update and weight to the driver (`update_transport`);
-  2. `compressor.round` on the stacked updates (weights, residuals, keys): the aggregate delta;
+  2. the aggregate delta of the stacked updates: `compressor.round` (weights, residuals by
+     client id, keys) with compression options, a weighted mean (`_weighted_mean`) without;
   3. the server optimizer step (`server_optimizer_fn.next`, rejecting a non-finite update as
      TFF's finalizer does) as a `tf.function` in the driver.
 """
