@@ -3,9 +3,10 @@
 Suites: kernels (each kernel at a few sizes), pipeline (a whole compressed round, the
 error-feedback store, a chunked round's memory), scaling (time and peak memory as clients C
 and length d grow, with log-log slopes), tff (TensorFlow Federated factories in TFF's
-runtime; skipped where TFF is not installed). "jax" runs the pure-JAX suites (kernels,
-pipeline, scaling), "all" every suite. Each suite prints its table with a legend and writes
-<out>/<suite>.json (and <out>/<suite>.png where matplotlib is installed); every run writes
+runtime), tff_learning (a whole tff.learning FedAvg round, stock against
+fedkernels.tff.build_weighted_fed_avg); both tff suites are skipped where TFF is not
+installed. "jax" runs the pure-JAX suites (kernels, pipeline, scaling), "all" every suite.
+Each suite prints its table with a legend and writes <out>/<suite>.json (and <out>/<suite>.png where matplotlib is installed); every run writes
 <out>/roofline.json too. The method: bench/README.md.
 """
 
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-SUITES = ("kernels", "pipeline", "scaling", "tff")
+SUITES = ("kernels", "pipeline", "scaling", "tff", "tff_learning")
 GROUPS = {"jax": ("kernels", "pipeline", "scaling"), "all": SUITES}
 
 

@@ -11,6 +11,8 @@ Staged factories (the JAX kernels converted by jax2tf run in TFF's worker):
 Error feedback with stateful clients:
   error_feedback_encoder, build_error_feedback_round, ClientResiduals.
 Numpy bridge: numpy_process(factory), and the process classes above.
+tff.learning FedAvg with TFF's client work and the aggregation in JAX in the driver:
+  build_weighted_fed_avg, BridgedFedAvgProcess.
 In-process TensorFlow: numpy_function, masked_mean_tf, top_k_tf (refuse inside TFF).
 """
 
@@ -42,6 +44,9 @@ _NAMES = {
     "TopKProcess": "_bridge",
     "QuantizeSumProcess": "_bridge",
     "ConcatProcess": "_bridge",
+    # tff.learning FedAvg with the aggregation in JAX (numpy bridge)
+    "build_weighted_fed_avg": "_learning",
+    "BridgedFedAvgProcess": "_learning",
     # tf.numpy_function wrappers
     "numpy_function": "_numpy_function",
     "NumpyFunctionInTFFError": "_numpy_function",
