@@ -7,7 +7,8 @@ runtime), tff_learning (a whole tff.learning FedAvg round, stock against
 fedkernels.tff.build_weighted_fed_avg); both tff suites are skipped where TFF is not
 installed. "jax" runs the pure-JAX suites (kernels, pipeline, scaling), "all" every suite.
 Each suite prints its table with a legend and writes <out>/<suite>.json (and
-<out>/<suite>.png where matplotlib is installed); every run writes <out>/roofline.json too. The method: bench/README.md.
+<out>/<suite>.png where matplotlib is installed); every run writes <out>/roofline.json too.
+The method: bench/README.md.
 """
 
 from __future__ import annotations
