@@ -1,4 +1,4 @@
-"""FedAvg with server momentum, every upload through `fedkernels.compressor`, seeds batched.
+"""FedAvg with server momentum, every upload through `fedkernels.compressor`, several seeds.
 
 A round, per seed: sample a cohort of C of the N clients without replacement; each runs local
 SGD from the server model (all clients at once, `vmap`); their model deltas go through
