@@ -6,5 +6,3 @@ collect_ignore_glob = []
 if importlib.util.find_spec("tensorflow_federated") is None:
     # fedkernels.tff needs the `tff` extra; its tests skip with a reason (tests/test_tff*.py).
     collect_ignore_glob.append("fedkernels/tff/*")
-if importlib.util.find_spec("sklearn") is None:
-    collect_ignore_glob.append("fedkernels/simulate.py")

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """One entry point that sets itself up: `python3 dev.py run | test | bench | lint`.
 
+`run` runs the experiment driver `python -m fedsim` (pass its flags after `run`; `run --help`).
+
 Needs only Python >= 3.11 and pip. On first use it creates `.venv-bootstrap` holding a pinned
 uv, then lets uv build the environments:
   .venv         the locked TFF stack (uv.lock: Python 3.11, TFF 0.87, jax 0.4.30), all extras;
@@ -86,8 +88,9 @@ def versions(python: Path) -> None:
 
 
 def run(args: list[str]) -> None:
+    """`python3 dev.py run [fedsim options]`: the experiment driver `python -m fedsim`."""
     python = locked_python()
-    call([python, "-m", "fedkernels.simulate", *args], env=base_env())
+    call([python, "-m", "fedsim", *args], env=base_env())  # from ROOT: fedsim/ is importable
 
 
 def start_pytest(python: Path, args: list[str], log_file) -> subprocess.Popen:
