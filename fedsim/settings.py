@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,7 +89,7 @@ def compressor_options(name: str, settings: Settings) -> dict[str, Any]:
     stages = CONFIGURATIONS[name][1]
     options: dict[str, Any] = {"dense_threshold": settings.dense_threshold}
     if "topk" in stages or "randk" in stages:
-        options.update(_top_k_keyword(settings.top_k_fraction))
+        options["top_k_fraction"] = settings.top_k_fraction
         if "randk" in stages:
             options["random_k"] = True
     if "ef" in stages:
@@ -98,16 +97,6 @@ def compressor_options(name: str, settings: Settings) -> dict[str, Any]:
     if "q" in stages:
         options["bits"] = settings.bits
     return options
-
-
-def _top_k_keyword(fraction: float) -> dict[str, float]:
-    """`top_k_fraction=` where the installed fedkernels has it, else the older `top_k=`
-    (which reads a float in (0, 1] as a fraction): the one place that knows the spelling."""
-    import fedkernels
-
-    if "top_k_fraction" in inspect.signature(fedkernels.compressor).parameters:
-        return {"top_k_fraction": fraction}
-    return {"top_k": float(fraction)}
 
 
 # --------------------------------------------------------------------------------------------
