@@ -264,7 +264,10 @@ def test_pack_compact_first_bits_match_numpy(n, density, mode):
     np.testing.assert_array_equal(np.asarray(first), np.asarray(words))
     np.testing.assert_array_equal(np.asarray(second), np.asarray(_radix._pack(jnp.asarray(other))))
     where = np.flatnonzero(mask)
-    for size in {1, max(len(where), 1), max(len(where) // 3, 1)}:
+    # Sizes fixed per n (not per density), so each (n, size) compiles once for all densities:
+    # 1 and n // 100 + 1 below and n // 3 + 1 and n above or below the count of set bits, by
+    # density; both of `_compact`'s slot searches (binary search, marks) are taken.
+    for size in sorted({1, n // 100 + 1, n // 3 + 1, n}):
         got = np.asarray(_radix._compact(words, size, config))
         take = min(size, len(where))
         np.testing.assert_array_equal(got[:take], where[:take])
