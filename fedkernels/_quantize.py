@@ -13,21 +13,39 @@ from jax import lax
 from fedkernels import _validate
 from fedkernels._masked import fold_rows
 
-MAX_BITS = 16
+MAX_BITS = 16  # widest code `quantize` makes (x' is float32 and the codes come from it)
+MAX_PACK_BITS = 32  # widest code `pack_bits` / `unpack_bits` handle (one uint32 word)
 
 
-class Quantized(NamedTuple):
-    """A quantized array: b-bit codes packed into uint32 words, with the per-row range.
-
-    A pytree whose leaves are `packed`, `minimum` and `maximum`; `bits` and `length` are static
-    (part of the tree structure), so it passes through `jit`, `vmap` and `lax.scan`.
-    """
-
+class _QuantizedFields(NamedTuple):
     packed: jax.Array  # shape=[..., words], dtype=uint32; words = ceil(length / 32) * bits
     minimum: jax.Array  # shape=[...], dtype=float32: the row minimum
     maximum: jax.Array  # shape=[...], dtype=float32: the row maximum
     bits: int  # static, in [1, 16]
-    length: int  # static, n, the row length before packing
+    length: int  # static, n >= 0, the row length before packing
+
+
+class Quantized(_QuantizedFields):
+    """A quantized array: b-bit codes packed into uint32 words, with the per-row range.
+
+    Fields: `packed` uint32 `[..., ceil(length / 32) * bits]`, `minimum` and `maximum` float32
+    `[...]` (the row range), `bits` (static int in `[1, 16]`) and `length` (static int >= 0,
+    the row length before packing). A pytree whose leaves are `packed`, `minimum` and
+    `maximum`; `bits` and `length` are part of the tree structure, so it passes through `jit`,
+    `vmap` and `lax.scan`.
+
+    Raises:
+      TypeError / ValueError: `bits` not an int in `[1, 16]`, `length` not an int >= 0.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, packed: Any, minimum: Any, maximum: Any, bits: int, length: int
+    ) -> Quantized:
+        bits = _validate.static_int("bits", bits, 1, MAX_BITS)
+        length = _validate.static_int("length", length, 0)
+        return super().__new__(cls, packed, minimum, maximum, bits, length)
 
     @property
     def nbytes(self) -> int:
@@ -48,17 +66,36 @@ def packed_words(length: int, bits: int) -> int:
 
 
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
-    """Packs unsigned codes `< 2**bits` along the last axis densely into uint32 words.
+    """Packs unsigned codes along the last axis densely into uint32 words.
 
     Code i occupies bits `[i*bits, (i+1)*bits)` of the little-endian bit stream, so a code may
     straddle two words. Works group by group: 32 codes always fill exactly `bits` words. Uses
     only shifts and ors (convertible by jax2tf without XLA ops).
+
+    Args:
+      codes: integer (or bool) `[..., n]`; only the low `bits` bits of each code are kept
+        (a code `>= 2**bits`, or a negative one, is taken modulo `2**bits`).
+      bits: static int in `[1, 32]`.
+
+    Returns:
+      uint32 `[..., ceil(n / 32) * bits]`.
+
+    Raises:
+      TypeError: `codes` not integer, `bits` not an int.
+      ValueError: `bits` outside `[1, 32]`, `codes` a scalar.
 
     >>> import jax.numpy as jnp
     >>> packed = pack_bits(jnp.array([1, 2, 3, 0, 5], jnp.uint32), 3)
     >>> packed.shape, unpack_bits(packed, 3, 5)
     ((3,), Array([1, 2, 3, 0, 5], dtype=uint32))
     """
+    bits = _validate.static_int("bits", bits, 1, MAX_PACK_BITS)
+    codes = _validate.as_array("codes", codes)
+    if not (jnp.issubdtype(codes.dtype, jnp.integer) or codes.dtype == jnp.bool_):
+        raise TypeError(f"codes must have an integer dtype, got {codes.dtype}")
+    _validate.min_ndim("codes", codes, 1, "[..., n]")
+    if bits < 32:
+        codes = codes.astype(jnp.uint32) & jnp.uint32((1 << bits) - 1)
     codes = codes.astype(jnp.uint32)
     n = codes.shape[-1]
     groups = math.ceil(n / 32)
@@ -67,10 +104,8 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
         codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
     if 32 % bits == 0:
         # Codes never straddle words: word w holds codes w*per .. w*per+per-1, code j of the
-        # word at offset j*bits. Measured on XLA:CPU (d = 1e7, codes computed in the same
-        # fusion): for 2 or 4 codes per word an or of strided slices is fastest (16 bits: 2 ms
-        # against 18 ms for the reduction); for 8 or more, a shift-and-sum over a narrow row
-        # is (1 bit: 3 ms against 12 ms for 32 slices).
+        # word at offset j*bits. On XLA:CPU an or of strided slices is the faster form for
+        # up to 4 codes per word, a shift-and-sum over a narrow row for 8 or more.
         per = 32 // bits
         lanes = codes.reshape(*codes.shape[:-1], groups * bits, per)
         if per <= 4:
@@ -95,7 +130,29 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
 
 
 def unpack_bits(packed: jax.Array, bits: int, length: int) -> jax.Array:
-    """Inverse of `pack_bits`: uint32 `[..., words]` to uint32 codes `[..., length]`."""
+    """Inverse of `pack_bits`: uint32 `[..., words]` to uint32 codes `[..., length]`.
+
+    Args:
+      packed: uint32 (or another integer dtype, taken as its low 32 bits) `[..., words]` with
+        `words == ceil(length / 32) * bits`, as `pack_bits` returns for `length` codes.
+      bits: static int in `[1, 32]`.
+      length: static int >= 0, the number of codes per row.
+
+    Raises:
+      TypeError: `packed` not integer, `bits` or `length` not an int.
+      ValueError: `bits` outside `[1, 32]`, `length` negative, or `words` not
+        `ceil(length / 32) * bits`.
+    """
+    bits = _validate.static_int("bits", bits, 1, MAX_PACK_BITS)
+    length = _validate.static_int("length", length, 0)
+    packed = _validate.integer("packed", packed)
+    _validate.min_ndim("packed", packed, 1, "[..., words]")
+    if packed.shape[-1] != packed_words(length, bits):
+        raise ValueError(
+            f"packed must be [..., ceil(length / 32) * bits] = [..., {packed_words(length, bits)}]"
+            f" for length={length} and bits={bits}, got shape {tuple(packed.shape)}"
+        )
+    packed = packed.astype(jnp.uint32)
     groups = packed.shape[-1] // bits
     mask = jnp.uint32((1 << bits) - 1)
     if 32 % bits == 0:  # no straddling codes: one broadcast shift-and-mask (as in pack_bits)
@@ -275,7 +332,10 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     `dequantize` returns `q / M * (max - min) + min`. Unbiased: `E[dequantize(q)] = x` up to
     float32 rounding and the grid of `U` (with "hash", `U` takes 2**16 values centred in their
     cells, so `P(round up)` is within 2**-17 of `x' - floor(x')`: a bias of at most 2**-17 of a
-    step); error at most one step `(max - min) / M`; a constant row is exact.
+    step); error at most one step `(max - min) / M`; a constant row is exact. Every finite
+    float32 row quantizes and decodes to finite values, also a range wider than float32 holds
+    (`max - min` overflowing, e.g. [-2e38, 2e38]) or a tiny one (`M / (max - min)`
+    overflowing): such rows scale `x`, `min` and `max` by a power of two first, which is exact.
 
     Args:
       x: float `[..., n]`, n >= 1. Rows are quantized independently (leading dims are batch).
@@ -298,12 +358,15 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
 
     Non-finite entries: the range is taken over the finite entries only; +Inf encodes as the
     maximum, -Inf and NaN as the minimum. Eagerly (concrete `x`) a non-finite entry raises
-    instead, since the value cannot be represented.
+    instead, since the value cannot be represented. Wider float types (float64 with x64 on) are
+    cast to float32 first: eagerly an entry beyond float32 range raises; under `jit` it becomes
+    +-Inf in the cast and follows the non-finite rule.
 
     Raises:
       TypeError: `x` not floating, `bits` not an int, `key` not a PRNG key.
-      ValueError: `bits` outside `[1, 16]`, `x` scalar or empty rows, non-finite concrete `x`,
-        unknown `prng`, or (with "hash") more than about 8.6e9 entries in one call.
+      ValueError: `bits` outside `[1, 16]`, `x` scalar or empty rows, non-finite concrete `x`
+        or beyond float32 range, unknown `prng`, or (with "hash") more than about 8.6e9
+        entries in one call.
 
     >>> import jax, jax.numpy as jnp
     >>> q = quantize(jnp.array([0.0, 0.5, 1.0]), jax.random.PRNGKey(0), bits=1)
@@ -329,6 +392,14 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
                 f"x must be finite to quantize, got {host[~np.isfinite(host)][0]} "
                 f"({int(np.sum(~np.isfinite(host)))} non-finite entries)"
             )
+        if host.dtype.itemsize > 4:
+            overflow = np.isinf(host.astype(np.float32))
+            if np.any(overflow):
+                raise ValueError(
+                    "x must be within float32 range to quantize (|x| <= 3.4028235e+38: the "
+                    f"codes and the range are float32), got {host[overflow][0]} "
+                    f"({int(np.sum(overflow))} entries beyond)"
+                )
     x = x.astype(jnp.float32)
     minimum, maximum = _finite_range(x)
     # A row with no finite entry: range [0, 0].
@@ -338,24 +409,46 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     return Quantized(packed, minimum, maximum, bits, x.shape[-1])
 
 
+def _row_scaling(
+    minimum: jax.Array, maximum: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row of a finite range: `(factor, minimum * factor, maximum * factor - minimum *
+    factor)`, with `factor` a power of two that keeps the span and `levels / span` finite.
+
+    The factor is 1 unless a row needs another: a range wider than float32 holds (`max - min`
+    overflows, e.g. [-2e38, 2e38]) takes 1/4; a row whose entries are all below 2**-60 in
+    magnitude takes 2**100, so that its span, however small, is a normal float32 and
+    `levels / span` stays finite. Scaling by a power of two is exact there, so `x'` and the
+    decoded values are the same numbers as without it.
+    """
+    span = maximum - minimum
+    tiny = jnp.maximum(jnp.abs(minimum), jnp.abs(maximum)) < _TINY_MAGNITUDE
+    factor = jnp.where(tiny, jnp.float32(_TINY_FACTOR), jnp.float32(1.0))
+    factor = jnp.where(jnp.isfinite(span), factor, jnp.float32(_WIDE_FACTOR))
+    low = minimum * factor
+    return factor, low, maximum * factor - low
+
+
+_TINY_MAGNITUDE = 2.0**-60
+_TINY_FACTOR = 2.0**100  # |x| * factor < 2**40 in such rows
+_WIDE_FACTOR = 0.25  # span / 4 <= max / 2: room for the decode's rounding
+
+
 def _packed_codes(
     x: jax.Array, minimum: jax.Array, maximum: jax.Array, key: jax.Array, bits: int, prng: str
 ) -> jax.Array:
     """The second of `quantize`'s two passes: float32 `x [..., n]` and its finite range
-    (`[...]`, finite) to the packed codes. A pass of its own so that the bench can time it."""
+    (`[...]`, finite) to the packed codes (timed alone as the bench's codes pass)."""
     levels = jnp.float32((1 << bits) - 1)
-    span = (maximum - minimum)[..., None]
-    safe_span = jnp.where(span > 0, span, 1.0)
-    # One division per row, then a multiply per entry: x' may be an ulp or two off the
-    # quotient (newer XLA:CPU rewrites the division this way itself). Measured on jax
-    # 0.4.30, d = 1e7: the codes pass 8.2 -> 5.5 ms; 32 of 1e7 codes changed.
-    scale = levels / safe_span
-    low = minimum[..., None]
+    factor, low, span = (v[..., None] for v in _row_scaling(minimum, maximum))
+    # One division per row, then a multiply per entry (x' may be an ulp or two off the
+    # quotient, as when XLA:CPU rewrites a division by a loop-invariant divisor itself).
+    scale = levels / jnp.where(span > 0, span, 1.0)
 
     def codes_of(values: jax.Array, uniform: jax.Array) -> jax.Array:
         # Finite entries land in [0, levels] up to rounding; the two selects also clamp that.
         # Where span == 0 every finite entry equals the minimum, so this is 0.
-        scaled = (values - low) * scale
+        scaled = (values * factor - low) * scale
         scaled = jnp.where(scaled > 0, scaled, 0.0)  # NaN and -Inf -> 0
         scaled = jnp.where(scaled < levels, scaled, levels)  # +Inf -> levels
         lower = jnp.floor(scaled)
@@ -419,13 +512,11 @@ def quantize_rows(x: jax.Array, keys: jax.Array, bits: int) -> tuple[Quantized, 
 
 
 def decodes_finite(q: Quantized) -> jax.Array:
-    """Per row of `q`, whether every value `dequantize(q)` can return is finite, from the range
-    alone: the decode is monotone in the code, so checking codes 0 and 2**bits - 1 through the
-    same formula covers all. False when `max - min` overflows (a range wider than 3.4e38)."""
-    levels = jnp.float32((1 << q.bits) - 1)
-    span = (q.maximum - q.minimum)[..., None]
-    ends = jnp.array([0.0, (1 << q.bits) - 1], jnp.float32)
-    return jnp.all(jnp.isfinite(ends / levels * span + q.minimum[..., None]), axis=-1)
+    """Per row of `q`, whether `weighted_code_sum` can decode it: its per-row coefficient
+    `(max - min) / levels` is finite, i.e. the range is at most 3.4e38 wide. (`dequantize`
+    decodes any finite range; `weighted_code_sum` scales codes by this coefficient.)"""
+    span = q.maximum - q.minimum
+    return jnp.isfinite(span) & jnp.isfinite(q.minimum)
 
 
 def weighted_code_sum(q: Quantized, weights: jax.Array) -> jax.Array:
@@ -474,6 +565,14 @@ def code_row_sum(packed: jax.Array, bits: int, length: int, coef: jax.Array) -> 
 def dequantize(q: Quantized) -> jax.Array:
     """Decodes a `Quantized`: `codes / (2**bits - 1) * (max - min) + min`, float32 `[..., n]`.
 
+    Any finite range decodes to finite values in `[min, max]`, also a range wider than
+    float32 holds (`max - min` overflowing, e.g. [-2e38, 2e38]): such rows compute the same
+    formula scaled by a power of two. Code 0 decodes to `min` exactly, and a constant row
+    (`max == min`) to its value.
+
+    Raises:
+      TypeError: `q` not a `Quantized`.
+
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.array([[2.0, 2.0], [-1.0, 3.0]])
     >>> dequantize(quantize(x, jax.random.PRNGKey(1), bits=4))
@@ -484,5 +583,9 @@ def dequantize(q: Quantized) -> jax.Array:
         raise TypeError(f"q must be a Quantized (from fedkernels.quantize), got {type(q).__name__}")
     codes = unpack_bits(q.packed, q.bits, q.length).astype(jnp.float32)
     levels = jnp.float32((1 << q.bits) - 1)
-    span = (q.maximum - q.minimum)[..., None]
-    return codes / levels * span + q.minimum[..., None]
+    factor, low, span = (v[..., None] for v in _row_scaling(q.minimum, q.maximum))
+    # With factor 1 (every range up to 3.4e38 wide, down to 2**-90) this is the plain
+    # `codes / levels * span + min`; the clip keeps rounding from leaving [min, max] (a
+    # range that ends at the float32 maximum would otherwise round up to Inf).
+    decoded = (codes / levels * span + low) * (1.0 / factor)
+    return jnp.clip(decoded, q.minimum[..., None], q.maximum[..., None])
