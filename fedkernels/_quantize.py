@@ -13,21 +13,39 @@ from jax import lax
 from fedkernels import _validate
 from fedkernels._loops import fold_rows
 
-MAX_BITS = 16
+MAX_BITS = 16  # widest code `quantize` makes (x' is float32 and the codes come from it)
+MAX_PACK_BITS = 32  # widest code `pack_bits` / `unpack_bits` handle (one uint32 word)
 
 
-class Quantized(NamedTuple):
-    """A quantized array: b-bit codes packed into uint32 words, with the per-row range.
-
-    A pytree whose leaves are `packed`, `minimum` and `maximum`; `bits` and `length` are static
-    (part of the tree structure), so it passes through `jit`, `vmap` and `lax.scan`.
-    """
-
+class _QuantizedFields(NamedTuple):
     packed: jax.Array  # shape=[..., words], dtype=uint32; words = ceil(length / 32) * bits
     minimum: jax.Array  # shape=[...], dtype=float32: the row minimum
     maximum: jax.Array  # shape=[...], dtype=float32: the row maximum
     bits: int  # static, in [1, 16]
-    length: int  # static, n, the row length before packing
+    length: int  # static, n >= 0, the row length before packing
+
+
+class Quantized(_QuantizedFields):
+    """A quantized array: b-bit codes packed into uint32 words, with the per-row range.
+
+    Fields: `packed` uint32 `[..., ceil(length / 32) * bits]`, `minimum` and `maximum` float32
+    `[...]` (the row range), `bits` (static int in `[1, 16]`) and `length` (static int >= 0,
+    the row length before packing). A pytree whose leaves are `packed`, `minimum` and
+    `maximum`; `bits` and `length` are part of the tree structure, so it passes through `jit`,
+    `vmap` and `lax.scan`.
+
+    Raises:
+      TypeError / ValueError: `bits` not an int in `[1, 16]`, `length` not an int >= 0.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, packed: Any, minimum: Any, maximum: Any, bits: int, length: int
+    ) -> Quantized:
+        bits = _validate.static_int("bits", bits, 1, MAX_BITS)
+        length = _validate.static_int("length", length, 0)
+        return super().__new__(cls, packed, minimum, maximum, bits, length)
 
     @property
     def nbytes(self) -> int:
@@ -48,17 +66,36 @@ def packed_words(length: int, bits: int) -> int:
 
 
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
-    """Packs unsigned codes `< 2**bits` along the last axis densely into uint32 words.
+    """Packs unsigned codes along the last axis densely into uint32 words.
 
     Code i occupies bits `[i*bits, (i+1)*bits)` of the little-endian bit stream, so a code may
     straddle two words. Works group by group: 32 codes always fill exactly `bits` words. Uses
     only shifts and ors (convertible by jax2tf without XLA ops).
+
+    Args:
+      codes: integer (or bool) `[..., n]`; only the low `bits` bits of each code are kept
+        (a code `>= 2**bits`, or a negative one, is taken modulo `2**bits`).
+      bits: static int in `[1, 32]`.
+
+    Returns:
+      uint32 `[..., ceil(n / 32) * bits]`.
+
+    Raises:
+      TypeError: `codes` not integer, `bits` not an int.
+      ValueError: `bits` outside `[1, 32]`, `codes` a scalar.
 
     >>> import jax.numpy as jnp
     >>> packed = pack_bits(jnp.array([1, 2, 3, 0, 5], jnp.uint32), 3)
     >>> packed.shape, unpack_bits(packed, 3, 5)
     ((3,), Array([1, 2, 3, 0, 5], dtype=uint32))
     """
+    bits = _validate.static_int("bits", bits, 1, MAX_PACK_BITS)
+    codes = _validate.as_array("codes", codes)
+    if not (jnp.issubdtype(codes.dtype, jnp.integer) or codes.dtype == jnp.bool_):
+        raise TypeError(f"codes must have an integer dtype, got {codes.dtype}")
+    _validate.min_ndim("codes", codes, 1, "[..., n]")
+    if bits < 32:
+        codes = codes.astype(jnp.uint32) & jnp.uint32((1 << bits) - 1)
     codes = codes.astype(jnp.uint32)
     n = codes.shape[-1]
     groups = math.ceil(n / 32)
@@ -67,10 +104,8 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
         codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
     if 32 % bits == 0:
         # Codes never straddle words: word w holds codes w*per .. w*per+per-1, code j of the
-        # word at offset j*bits. Measured on XLA:CPU (d = 1e7, codes computed in the same
-        # fusion): for 2 or 4 codes per word an or of strided slices is fastest (16 bits: 2 ms
-        # against 18 ms for the reduction); for 8 or more, a shift-and-sum over a narrow row
-        # is (1 bit: 3 ms against 12 ms for 32 slices).
+        # word at offset j*bits. On XLA:CPU an or of strided slices is the faster form for
+        # up to 4 codes per word, a shift-and-sum over a narrow row for 8 or more.
         per = 32 // bits
         lanes = codes.reshape(*codes.shape[:-1], groups * bits, per)
         if per <= 4:
@@ -95,7 +130,29 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
 
 
 def unpack_bits(packed: jax.Array, bits: int, length: int) -> jax.Array:
-    """Inverse of `pack_bits`: uint32 `[..., words]` to uint32 codes `[..., length]`."""
+    """Inverse of `pack_bits`: uint32 `[..., words]` to uint32 codes `[..., length]`.
+
+    Args:
+      packed: uint32 (or another integer dtype, taken as its low 32 bits) `[..., words]` with
+        `words == ceil(length / 32) * bits`, as `pack_bits` returns for `length` codes.
+      bits: static int in `[1, 32]`.
+      length: static int >= 0, the number of codes per row.
+
+    Raises:
+      TypeError: `packed` not integer, `bits` or `length` not an int.
+      ValueError: `bits` outside `[1, 32]`, `length` negative, or `words` not
+        `ceil(length / 32) * bits`.
+    """
+    bits = _validate.static_int("bits", bits, 1, MAX_PACK_BITS)
+    length = _validate.static_int("length", length, 0)
+    packed = _validate.integer("packed", packed)
+    _validate.min_ndim("packed", packed, 1, "[..., words]")
+    if packed.shape[-1] != packed_words(length, bits):
+        raise ValueError(
+            f"packed must be [..., ceil(length / 32) * bits] = [..., {packed_words(length, bits)}]"
+            f" for length={length} and bits={bits}, got shape {tuple(packed.shape)}"
+        )
+    packed = packed.astype(jnp.uint32)
     groups = packed.shape[-1] // bits
     mask = jnp.uint32((1 << bits) - 1)
     if 32 % bits == 0:  # no straddling codes: one broadcast shift-and-mask (as in pack_bits)
@@ -131,16 +188,20 @@ def _check_key(key: Any) -> jax.Array:
 
 PRNGS = ("hash", "threefry")
 
-# The "hash" stream: code i of a row takes 16 random bits, the low (i even) or high (i odd)
-# half of the 32-bit word H[i // 2]. 16 bits per code because one hash then serves two codes
-# (the hash is most of the cost of `quantize` on CPU), and 2**-16 of a step is the float32
-# resolution of x' itself at 8 bits (x' < 256 has an ulp of 2**-16).
-_FIELD_BITS = 16
+# The "hash" stream. Code i of a row takes F random bits ("field" k = i mod (32 / F) of the
+# 32-bit word H[i // (32 / F)]), so one hash serves 32 / F codes: F = 16 up to 15-bit codes,
+# F = 8 for 16-bit codes, whose x' < 2**16 has a float32 resolution of 2**-8 anyway.
+_SEED_SALT = 0x48415348  # fold_in data that derives the hash seeds from the key
 
 
-def _mix32(h: jax.Array) -> jax.Array:
-    """A 32-bit integer finalizer (Wellons' "lowbias32"): every input bit affects every output
-    bit with near-ideal avalanche."""
+def _field_bits(bits: int) -> int:
+    """Random bits per code of the "hash" stream for `bits`-bit codes (see above)."""
+    return 16 if bits <= 15 else 8
+
+
+def _lowbias32(h: jax.Array) -> jax.Array:
+    """Wellons' 32-bit integer hash "lowbias32": a bijection of uint32 in which every input bit
+    affects every output bit with near-ideal avalanche (two multiplies, three xor-shifts)."""
     h = h ^ (h >> 16)
     h = h * jnp.uint32(0x7FEB352D)
     h = h ^ (h >> 15)
@@ -149,70 +210,88 @@ def _mix32(h: jax.Array) -> jax.Array:
 
 
 def _hash_seeds(key: jax.Array) -> jax.Array:
-    """Two uint32 seeds from a key: one draw from the key's own generator, so keys that differ
-    in one bit still give unrelated hash streams."""
-    return jax.random.bits(key, (2,), jnp.uint32)
+    """Two uint32 seeds `(s0, s1)`: the key data of `fold_in(key, _SEED_SALT)`. Threefry's
+    fold_in does not depend on `jax_threefry_partitionable` (unlike `jax.random.bits`, whose
+    default changed in jax 0.5), so a key gives the same seeds, hence codes, on every jax."""
+    folded = jax.random.fold_in(key, _SEED_SALT)
+    if jnp.issubdtype(folded.dtype, jax.dtypes.prng_key):
+        folded = jax.random.key_data(folded)
+    return folded.reshape(-1)[:2]
 
 
 def _hash_words(seeds: jax.Array, counter: jax.Array) -> jax.Array:
-    """Counter-based 32-bit random words: `lowbias32((counter ^ s0) * golden + s1)`."""
-    return _mix32((counter ^ seeds[0]) * jnp.uint32(0x9E3779B9) + seeds[1])
+    """Counter-based 32-bit random words `H[t] = lowbias32((t ^ s0) + s1)`. For each t, H[t]
+    is exactly uniform over the seed `s1` (adding it is a bijection, so is the hash): every
+    field is an unbiased uniform for a random key, whatever the hash's own quality."""
+    return _lowbias32((counter ^ seeds[0]) + seeds[1])
 
 
-def _field_uniform(field: jax.Array) -> jax.Array:
-    """A 16-bit random field r -> (r + 1/2) / 2**16: uniform on a grid centred in [0, 1), so
-    `P(U < f)` is `f` to within 2**-17 either way (not the 2**-16 upward bias of r / 2**16)."""
-    u = field.astype(jnp.int32).astype(jnp.float32)  # via int32: x86 has no vector u32->f32
-    return u * jnp.float32(2.0**-_FIELD_BITS) + jnp.float32(2.0 ** -(_FIELD_BITS + 1))
+def _field(word: jax.Array, k: int, field_bits: int) -> jax.Array:
+    """Field k (bits `[k * F, (k + 1) * F)`) of uint32 words."""
+    shift = k * field_bits
+    field = word >> jnp.uint32(shift) if shift else word
+    return field & jnp.uint32((1 << field_bits) - 1) if shift + field_bits < 32 else field
 
 
 def _padded_length(n: int) -> int:
     return math.ceil(n / 32) * 32
 
 
-MAX_HASH_WORDS = 1 << 32  # the hash counter is uint32: at most 2**32 words (2**33 codes)
+MAX_HASH_WORDS = 1 << 32  # the hash counter is uint32: at most 2**32 words
 
 
-def _hash_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(rows, n, words per row) of the "hash" stream for an `x` of `shape`: two codes per
+def _hash_layout(shape: tuple[int, ...], bits: int) -> tuple[int, int, int]:
+    """(rows, n, words per row) of the "hash" stream for an `x` of `shape`: 32 / F codes per
     32-bit word, rows padded to a multiple of 32. The words are numbered by a uint32 counter,
     so past 2**32 of them it would wrap and repeat: that raises instead."""
     n = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    row_words = _padded_length(n) // 2
+    row_words = _padded_length(n) * _field_bits(bits) // 32
     if rows * row_words > MAX_HASH_WORDS:
+        most = MAX_HASH_WORDS * 32 // _field_bits(bits)
         raise ValueError(
             f"x of shape {tuple(shape)} needs {rows * row_words} hash words, more than the "
-            "2**32 that prng='hash' can number without repeating (about 8.6e9 elements per "
-            "call): quantize it in parts, or use prng='threefry'"
+            f"2**32 that prng='hash' can number without repeating ({most} elements per call "
+            f"at bits={bits}): quantize it in parts, or use prng='threefry'"
         )
     return rows, n, row_words
 
 
-def hash_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The uniforms `U` of `quantize(..., prng="hash")` for an `x` of `shape`, float32.
+def hash_fields(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Array:
+    """The random fields `r` of `quantize(..., bits, prng="hash")` for an `x` of `shape`, uint32.
 
-    For row r and element i of a row of length n (rows are the leading dims, flattened), with
-    `(s0, s1) = jax.random.bits(key, (2,))`, `n2 = ceil(n / 32) * 16` and
-    `H[t] = lowbias32((t ^ s0) * 0x9E3779B9 + s1)` (Wellons' 32-bit finalizer):
-    `U = (field + 1/2) / 2**16` where `field` is the low (even i) or high (odd i) 16 bits of
-    `H[r * n2 + i // 2]`. Reproducible from the key alone, about 20x cheaper than threefry on
-    CPU, and statistically adequate for stochastic rounding (tested for uniformity and
-    unbiasedness); not a cryptographic generator and not the `jax.random` stream.
+    `F = 16` random bits per code for `bits <= 15`, `F = 8` for 16 bits, `P = 32 / F` fields
+    per word. For row j and element i of a row of length n (rows are the leading dims,
+    flattened), with `(s0, s1) = key_data(fold_in(key, 0x48415348))`, `W = ceil(n / 32) * 32 / P`
+    and `H[t] = lowbias32((t ^ s0) + s1)` (Wellons' 32-bit hash, uint32 arithmetic):
+    `r` is bits `[k * F, (k + 1) * F)` of `H[j * W + i // P]`, `k = i mod P`. Reproducible from
+    the key alone, the same on every jax version, several times cheaper than threefry on CPU,
+    and statistically adequate for stochastic rounding (tested for uniformity, unbiasedness and
+    correlation); not a cryptographic generator and not the `jax.random` stream.
     """
     shape = tuple(shape)
-    rows, n, n2 = _hash_layout(shape)
-    counter = lax.iota(jnp.uint32, rows * n2).reshape(rows, n2)
+    rows, n, row_words = _hash_layout(shape, bits)
+    field_bits = _field_bits(bits)
+    counter = lax.iota(jnp.uint32, rows * row_words).reshape(rows, row_words)
     words = _hash_words(_hash_seeds(key), counter)
-    fields = jnp.stack([words & jnp.uint32(0xFFFF), words >> jnp.uint32(16)], axis=-1)
-    u = _field_uniform(fields.reshape(rows, 2 * n2)[:, :n])
-    return u.reshape(shape)
+    per_word = 32 // field_bits
+    fields = jnp.stack([_field(words, k, field_bits) for k in range(per_word)], axis=-1)
+    return fields.reshape(rows, row_words * per_word)[:, :n].reshape(shape)
+
+
+def hash_uniform(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Array:
+    """`(r + 1/2) / 2**F`, float32, for the fields `r = hash_fields(key, shape, bits)`: the
+    stream as uniforms on a grid centred in [0, 1). `quantize` rounds x' up exactly when
+    `U > 1 - f`, f being `x' - floor(x')` rounded to F bits: with probability f."""
+    field_bits = _field_bits(bits)
+    r = hash_fields(key, shape, bits).astype(jnp.int32).astype(jnp.float32)
+    return r * jnp.float32(2.0**-field_bits) + jnp.float32(2.0 ** -(field_bits + 1))
 
 
 # Fan-in of the elementwise min/max tree in `_finite_range`: 16 strided slices per output
-# element. Measured (d = 1e7 float32, 2 cores, jax 0.4.30): 2.3 to 3 ms for min and max
-# together, against 27 ms for `jnp.min` plus `jnp.max` of the masked array (XLA:CPU's full
-# reductions are slow here); fan-in 4 or 8 took 8 ms, 32 about the same as 16, 64 was slower.
+# element. On XLA:CPU this beats `jnp.min` plus `jnp.max` of the masked array several times
+# over, and fan-ins of 4, 8, 32 and 64 were no faster (bench case "part 1/2: fedkernels
+# range pass" of `quantize_10000000_float32_b8`).
 _RANGE_FANIN = 16
 
 
@@ -270,27 +349,32 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     used by `tff.aggregators.EncodedSumFactory.quantize_above_threshold`), and the unbiased
     stochastic rounding of Suresh et al. 2017 ("Distributed Mean Estimation with Limited
     Communication"): per row, with `M = 2**bits - 1`,
-    `x' = (x - min) / (max - min) * M` (0 where max == min),
-    `q = floor(x') + [U < x' - floor(x')]`, `U ~ Uniform[0, 1)` drawn from `key`.
-    `dequantize` returns `q / M * (max - min) + min`. Unbiased: `E[dequantize(q)] = x` up to
-    float32 rounding and the grid of `U` (with "hash", `U` takes 2**16 values centred in their
-    cells, so `P(round up)` is within 2**-17 of `x' - floor(x')`: a bias of at most 2**-17 of a
-    step); error at most one step `(max - min) / M`; a constant row is exact.
+    `x' = (x - min) / (max - min) * M` (0 where max == min), `q` is `floor(x')` or
+    `floor(x') + 1`, rounding up with probability `x' - floor(x')`, and `dequantize` returns
+    `q / M * (max - min) + min`. With the default "hash" stream, `q = (round(x' * 2**F) + r)
+    >> F` for an F-bit random field `r` (`hash_fields`; F = 16 for up to 15 bits, 8 for 16
+    bits; round half to even): `E[q] = round(x' * 2**F) / 2**F`, within 2**-(F+1) of the
+    float32 x', a bias of at most 2**-17 of a step (2**-9 at 16 bits, where float32 resolves
+    x' only to 2**-8). With "threefry", `q = floor(x') + [U < x' - floor(x')]` for
+    `U = jax.random.uniform(key)`. Unbiased up to that and float32 rounding; error at most one
+    step `(max - min) / M`; a constant row is exact. Every finite float32 row quantizes and
+    decodes to finite values, also a range wider than float32 holds (`max - min`
+    overflowing, e.g. [-2e38, 2e38]) or one whose entries are all tiny (`M / (max - min)`
+    overflowing): such rows scale `x`, `min` and `max` by a power of two first, which is exact.
 
     Args:
       x: float `[..., n]`, n >= 1. Rows are quantized independently (leading dims are batch).
       key: a PRNG key; the same key gives the same codes. For per-client streams use
-        `jax.random.fold_in(key, client_id)`. The codes follow `jax.random`'s stream, whose
-        default changed in jax 0.5 (`jax_threefry_partitionable`: False on jax 0.4.30, True
-        since): with that flag set alike, jax 0.4.30 and 0.10 give the same codes (checked
-        at d=1e6); with the defaults, about a third of the codes differ.
+        `jax.random.fold_in(key, client_id)`.
       bits: static int in `[1, 16]`.
-      prng: where `U` comes from: "hash" (default; `hash_uniform(key, x.shape)`, a
-        counter-based hash seeded by one draw from `key`, 16 random bits per code) or
-        "threefry" (`jax.random.uniform(key, x.shape)`, the `jax.random` stream, 23 bits per
-        code; about 5x slower on CPU at d = 1e7). Same formula and guarantees; the two give
-        different codes for the same key. The default changed from "threefry" to "hash" in
-        0.1.0 (unreleased), so a given key no longer gives the codes it gave before.
+      prng: where the rounding's randomness comes from: "hash" (default; a counter-based
+        hash seeded through `fold_in(key, ...)`, defined in `hash_fields` and computed in the
+        same pass as the rounding and packing; the same key gives the same codes on every
+        jax version) or "threefry" (`jax.random.uniform(key, x.shape)`, the `jax.random`
+        stream, 23 bits per code and several times slower on CPU: see the bench case
+        `quantize_10000000_float32_b8`; its values depend on `jax_threefry_partitionable`,
+        whose default differs between jax 0.4 and newer versions). Same formula and
+        guarantees; the two give different codes for the same key.
 
     Returns:
       A `Quantized` pytree: `packed` uint32 `[..., ceil(n/32) * bits]` (32 codes fill `bits`
@@ -298,12 +382,15 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
 
     Non-finite entries: the range is taken over the finite entries only; +Inf encodes as the
     maximum, -Inf and NaN as the minimum. Eagerly (concrete `x`) a non-finite entry raises
-    instead, since the value cannot be represented.
+    instead, since the value cannot be represented. Wider float types (float64 with x64 on) are
+    cast to float32 first: eagerly an entry beyond float32 range raises; under `jit` it becomes
+    +-Inf in the cast and follows the non-finite rule.
 
     Raises:
       TypeError: `x` not floating, `bits` not an int, `key` not a PRNG key.
-      ValueError: `bits` outside `[1, 16]`, `x` scalar or empty rows, non-finite concrete `x`,
-        unknown `prng`, or (with "hash") more than about 8.6e9 entries in one call.
+      ValueError: `bits` outside `[1, 16]`, `x` scalar or empty rows, non-finite concrete `x`
+        or beyond float32 range, unknown `prng`, or (with "hash") more than about 8.6e9
+        entries in one call.
 
     >>> import jax, jax.numpy as jnp
     >>> q = quantize(jnp.array([0.0, 0.5, 1.0]), jax.random.PRNGKey(0), bits=1)
@@ -321,7 +408,7 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     if prng not in PRNGS:
         raise ValueError(f"prng must be one of {PRNGS}, got {prng!r}")
     if prng == "hash":
-        _hash_layout(tuple(x.shape))
+        _hash_layout(tuple(x.shape), bits)
     if _validate.is_concrete(x) and x.size:
         host = np.asarray(x)
         if not np.all(np.isfinite(host)):
@@ -329,6 +416,14 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
                 f"x must be finite to quantize, got {host[~np.isfinite(host)][0]} "
                 f"({int(np.sum(~np.isfinite(host)))} non-finite entries)"
             )
+        if host.dtype.itemsize > 4:
+            overflow = np.isinf(host.astype(np.float32))
+            if np.any(overflow):
+                raise ValueError(
+                    "x must be within float32 range to quantize (|x| <= 3.4028235e+38: the "
+                    f"codes and the range are float32), got {host[overflow][0]} "
+                    f"({int(np.sum(overflow))} entries beyond)"
+                )
     x = x.astype(jnp.float32)
     minimum, maximum = _finite_range(x)
     # A row with no finite entry: range [0, 0].
@@ -338,64 +433,101 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     return Quantized(packed, minimum, maximum, bits, x.shape[-1])
 
 
+def _row_scaling(
+    minimum: jax.Array, maximum: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row of a finite range: `(factor, minimum * factor, maximum * factor - minimum *
+    factor)`, with `factor` a power of two that keeps the span and `levels / span` finite.
+
+    The factor is 1 unless a row needs another: a range wider than float32 holds (`max - min`
+    overflows, e.g. [-2e38, 2e38]) takes 1/4; a row whose entries are all below 2**-60 in
+    magnitude takes 2**100, so that its span, however small, is a normal float32 and
+    `levels / span` stays finite. Scaling by a power of two is exact there, so `x'` and the
+    decoded values are the same numbers as without it.
+    """
+    span = maximum - minimum
+    tiny = jnp.maximum(jnp.abs(minimum), jnp.abs(maximum)) < _TINY_MAGNITUDE
+    factor = jnp.where(tiny, jnp.float32(_TINY_FACTOR), jnp.float32(1.0))
+    factor = jnp.where(jnp.isfinite(span), factor, jnp.float32(_WIDE_FACTOR))
+    low = minimum * factor
+    return factor, low, maximum * factor - low
+
+
+_TINY_MAGNITUDE = 2.0**-60
+_TINY_FACTOR = 2.0**100  # |x| * factor < 2**40 in such rows
+_WIDE_FACTOR = 0.25  # span / 4 <= max / 2: room for the decode's rounding
+
+
 def _packed_codes(
     x: jax.Array, minimum: jax.Array, maximum: jax.Array, key: jax.Array, bits: int, prng: str
 ) -> jax.Array:
     """The second of `quantize`'s two passes: float32 `x [..., n]` and its finite range
-    (`[...]`, finite) to the packed codes. A pass of its own so that the bench can time it."""
+    (`[...]`, finite) to the packed codes (timed alone as the bench's codes pass)."""
     levels = jnp.float32((1 << bits) - 1)
-    span = (maximum - minimum)[..., None]
+    factor, low, span = (v[..., None] for v in _row_scaling(minimum, maximum))
     safe_span = jnp.where(span > 0, span, 1.0)
-    # One division per row, then a multiply per entry: x' may be an ulp or two off the
-    # quotient (newer XLA:CPU rewrites the division this way itself). Measured on jax
-    # 0.4.30, d = 1e7: the codes pass 8.2 -> 5.5 ms; 32 of 1e7 codes changed.
-    scale = levels / safe_span
-    low = minimum[..., None]
-
-    def codes_of(values: jax.Array, uniform: jax.Array) -> jax.Array:
-        # Finite entries land in [0, levels] up to rounding; the two selects also clamp that.
-        # Where span == 0 every finite entry equals the minimum, so this is 0.
-        scaled = (values - low) * scale
-        scaled = jnp.where(scaled > 0, scaled, 0.0)  # NaN and -Inf -> 0
+    if prng == "threefry":
+        # One division per row, then a multiply per entry (x' may be an ulp or two off the
+        # quotient, as when XLA:CPU rewrites a division by a loop-invariant divisor itself).
+        scale = levels / safe_span
+        scaled = (x * factor - low) * scale  # 0 where span == 0 (all finite entries are min)
+        scaled = jnp.where(scaled > 0, scaled, 0.0)  # NaN and -Inf -> 0; clamps rounding
         scaled = jnp.where(scaled < levels, scaled, levels)  # +Inf -> levels
         lower = jnp.floor(scaled)
+        uniform = jax.random.uniform(key, x.shape, jnp.float32)
         up = (uniform < scaled - lower).astype(jnp.int32)
-        return (lower.astype(jnp.int32) + up).astype(jnp.uint32)
+        return pack_bits((lower.astype(jnp.int32) + up).astype(jnp.uint32), bits)
 
-    if prng == "threefry":
-        return pack_bits(codes_of(x, jax.random.uniform(key, x.shape, jnp.float32)), bits)
-    return _hash_codes_packed(x, codes_of, _hash_seeds(key), bits)
+    # Fixed point with F fractional bits: t = round(x' * 2**F) (exact in int32: t < 2**31),
+    # and code = (t + r) >> F for the F-bit random field r rounds x' up with probability
+    # (t mod 2**F) / 2**F, so E[code] = t / 2**F. Scaling by 2**F is exact: s is x' * 2**F.
+    field_bits = _field_bits(bits)
+    top = levels * jnp.float32(1 << field_bits)
+    scale = top / safe_span
+
+    def code_of(values: jax.Array, field: jax.Array) -> jax.Array:
+        s = (values * factor - low) * scale
+        s = jnp.where(s > 0, s, 0.0)  # NaN and -Inf -> code 0
+        s = jnp.where(s < top, s, top)  # +Inf -> code levels; also clamps rounding
+        t = jnp.round(s).astype(jnp.int32).astype(jnp.uint32)  # half to even; s >= 0
+        return (t + field) >> jnp.uint32(field_bits)
+
+    return _hash_codes_packed(x, code_of, _hash_seeds(key), bits)
 
 
-def _hash_codes_packed(x: jax.Array, codes_of: Any, seeds: jax.Array, bits: int) -> jax.Array:
-    """`pack_bits(codes_of(x, hash_uniform(key, x.shape)), bits)`, computed word by word where
-    codes do not straddle words, so that one hash serves two codes in the same fusion."""
+def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) -> jax.Array:
+    """`pack_bits(code_of(x, hash_fields(key, x.shape, bits)), bits)`, where codes do not
+    straddle words computed word by word, so that one hash serves several codes in the same
+    fusion as their rounding and packing."""
     batch, n = x.shape[:-1], x.shape[-1]
     n_pad = _padded_length(n)
     if n_pad > n:  # NaN encodes as code 0, the value `pack_bits` pads with
         x = jnp.pad(x, [(0, 0)] * len(batch) + [(0, n_pad - n)], constant_values=jnp.nan)
-    half = n_pad // 2
-    counter = lax.iota(jnp.uint32, math.prod(batch) * half).reshape(*batch, half)
-    low_half = jnp.uint32(0xFFFF)
-    if 32 % bits == 0:
-        # Word w holds codes w*per .. w*per+per-1 (pack_bits' layout): an or of `per`
-        # strided slices, codes 2j and 2j+1 sharing H[j]. Measured (d = 1e7): 25 to 35% less
-        # time than hashing elementwise and packing afterwards, for 1, 2 and 4 bits as well.
-        per = 32 // bits
-        words = n_pad // per
-        values = x.reshape(*batch, words, per)
-        hashes = _hash_words(seeds, counter.reshape(*batch, words, per // 2))
-        packed = None
-        for j in range(per):
-            h = hashes[..., j // 2]
-            field = h >> jnp.uint32(16) if j % 2 else h & low_half
-            code = codes_of(values[..., j], _field_uniform(field))
-            code = code << jnp.uint32(j * bits) if j else code
-            packed = code if packed is None else packed | code
-        return packed
-    hashes = _hash_words(seeds, counter)
-    fields = jnp.stack([hashes & low_half, hashes >> jnp.uint32(16)], axis=-1)
-    return pack_bits(codes_of(x, _field_uniform(fields.reshape(*batch, n_pad))), bits)
+    field_bits = _field_bits(bits)
+    fields_per_word = 32 // field_bits
+    row_words = n_pad // fields_per_word
+    counter = lax.iota(jnp.uint32, math.prod(batch) * row_words).reshape(*batch, row_words)
+    if 32 % bits:
+        hashes = _hash_words(seeds, counter)
+        fields = [_field(hashes, k, field_bits) for k in range(fields_per_word)]
+        fields = jnp.stack(fields, axis=-1).reshape(*batch, n_pad)
+        return pack_bits(code_of(x, fields), bits)
+    # Packed word w holds codes w*per .. w*per+per-1 (pack_bits' layout). A block of codes
+    # fills whole packed words and whole hash words: an or of strided slices per packed word.
+    per = 32 // bits
+    block = max(per, fields_per_word)
+    values = x.reshape(*batch, n_pad // block, block)
+    hashes = _hash_words(seeds, counter.reshape(*batch, n_pad // block, block // fields_per_word))
+    packed = [None] * (block // per)
+    for j in range(block):
+        field = _field(hashes[..., j // fields_per_word], j % fields_per_word, field_bits)
+        code = code_of(values[..., j], field)
+        word, position = divmod(j, per)
+        code = code << jnp.uint32(position * bits) if position else code
+        packed[word] = code if packed[word] is None else packed[word] | code
+    if len(packed) == 1:
+        return packed[0]
+    return jnp.stack(packed, axis=-1).reshape(*batch, n_pad // per)
 
 
 def quantize_rows(x: jax.Array, keys: jax.Array, bits: int) -> tuple[Quantized, jax.Array]:
@@ -419,13 +551,11 @@ def quantize_rows(x: jax.Array, keys: jax.Array, bits: int) -> tuple[Quantized, 
 
 
 def decodes_finite(q: Quantized) -> jax.Array:
-    """Per row of `q`, whether every value `dequantize(q)` can return is finite, from the range
-    alone: the decode is monotone in the code, so checking codes 0 and 2**bits - 1 through the
-    same formula covers all. False when `max - min` overflows (a range wider than 3.4e38)."""
-    levels = jnp.float32((1 << q.bits) - 1)
-    span = (q.maximum - q.minimum)[..., None]
-    ends = jnp.array([0.0, (1 << q.bits) - 1], jnp.float32)
-    return jnp.all(jnp.isfinite(ends / levels * span + q.minimum[..., None]), axis=-1)
+    """Per row of `q`, whether `weighted_code_sum` can decode it: its per-row coefficient
+    `(max - min) / levels` is finite, i.e. the range is at most 3.4e38 wide. (`dequantize`
+    decodes any finite range; `weighted_code_sum` scales codes by this coefficient.)"""
+    span = q.maximum - q.minimum
+    return jnp.isfinite(span) & jnp.isfinite(q.minimum)
 
 
 def weighted_code_sum(q: Quantized, weights: jax.Array) -> jax.Array:
@@ -474,6 +604,14 @@ def code_row_sum(packed: jax.Array, bits: int, length: int, coef: jax.Array) -> 
 def dequantize(q: Quantized) -> jax.Array:
     """Decodes a `Quantized`: `codes / (2**bits - 1) * (max - min) + min`, float32 `[..., n]`.
 
+    Any finite range decodes to finite values in `[min, max]`, also a range wider than
+    float32 holds (`max - min` overflowing, e.g. [-2e38, 2e38]): such rows compute the same
+    formula scaled by a power of two. Code 0 decodes to `min` exactly, and a constant row
+    (`max == min`) to its value.
+
+    Raises:
+      TypeError: `q` not a `Quantized`.
+
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.array([[2.0, 2.0], [-1.0, 3.0]])
     >>> dequantize(quantize(x, jax.random.PRNGKey(1), bits=4))
@@ -484,5 +622,9 @@ def dequantize(q: Quantized) -> jax.Array:
         raise TypeError(f"q must be a Quantized (from fedkernels.quantize), got {type(q).__name__}")
     codes = unpack_bits(q.packed, q.bits, q.length).astype(jnp.float32)
     levels = jnp.float32((1 << q.bits) - 1)
-    span = (q.maximum - q.minimum)[..., None]
-    return codes / levels * span + q.minimum[..., None]
+    factor, low, span = (v[..., None] for v in _row_scaling(q.minimum, q.maximum))
+    # With factor 1 (every range up to 3.4e38 wide, down to 2**-90) this is the plain
+    # `codes / levels * span + min`; the clip keeps rounding from leaving [min, max] (a
+    # range that ends at the float32 maximum would otherwise round up to Inf).
+    decoded = (codes / levels * span + low) * (1.0 / factor)
+    return jnp.clip(decoded, q.minimum[..., None], q.maximum[..., None])
