@@ -54,8 +54,9 @@ class concat:  # noqa: N801  (TFF's module name; fedkernels' computations behind
   @staticmethod
   def _unconcat_impl(concat_value, original_structure):
     original = tf.nest.map_structure(lambda x: x.numpy(), original_structure)
-    _, fn, _ = _factories._concat_fns(_value_type(original))
-    return fn(concat_value.numpy())
+    _, fn, flat_type = _factories._concat_fns(_value_type(original))
+    # fedkernels: the flat value in the flat type's dtype (TFF's helper takes any tensor)
+    return fn(concat_value.numpy().astype(flat_type.dtype))
 
   concat_factory = staticmethod(ft.concat_factory)
 

@@ -405,7 +405,10 @@ class ClippingFactoryExecutionTest(tf.test.TestCase, parameterized.TestCase):
     client_data = [1.0, 2.0, 5.0]
     client_weight = [1.0, 2.0, 2.0]
     output = process.next(state, client_data, client_weight)
-    self.assertAllClose(5 / 5, output.result)
+    # fedkernels: by design a client the zeroing factory zeroes sends all zeros, which the
+    # masked mean does not count as a contribution: it drops out of the denominator, so
+    # (1*1 + 2*2) / (1 + 2) where MeanFactory divides by all weights, (1*1 + 2*2) / 5.
+    self.assertAllClose(5 / 3, output.result)
     self.assertAllClose(2.0, output.measurements['zeroing_norm'])
     self.assertEqual(1, output.measurements['zeroed_count'])
 
@@ -422,7 +425,10 @@ class ClippingFactoryExecutionTest(tf.test.TestCase, parameterized.TestCase):
     client_data = [_make_test_struct_value(v) for v in [1.0, 2.0, 5.0]]
     client_weight = [1.0, 2.0, 2.0]
     output = process.next(state, client_data, client_weight)
-    self._check_result(5 / 5, output.result)
+    # fedkernels: by design a client the zeroing factory zeroes sends all zeros, which the
+    # masked mean does not count as a contribution: it drops out of the denominator, so
+    # (1*1 + 2*2) / (1 + 2) where MeanFactory divides by all weights, (1*1 + 2*2) / 5.
+    self._check_result(5 / 3, output.result)
     self.assertAllClose(4.0, output.measurements['zeroing_norm'])
     self.assertEqual(1, output.measurements['zeroed_count'])
 
@@ -439,7 +445,10 @@ class ClippingFactoryExecutionTest(tf.test.TestCase, parameterized.TestCase):
     client_data = [_make_test_struct_value(v) for v in [1.0, 2.0, 5.0]]
     client_weight = [1.0, 2.0, 2.0]
     output = process.next(state, client_data, client_weight)
-    self._check_result(5 / 5, output.result)
+    # fedkernels: by design a client the zeroing factory zeroes sends all zeros, which the
+    # masked mean does not count as a contribution: it drops out of the denominator, so
+    # (1*1 + 2*2) / (1 + 2) where MeanFactory divides by all weights, (1*1 + 2*2) / 5.
+    self._check_result(5 / 3, output.result)
     self.assertAllClose(2.0, output.measurements['zeroing_norm'])
     self.assertEqual(1, output.measurements['zeroed_count'])
 
@@ -456,12 +465,14 @@ class ClippingFactoryExecutionTest(tf.test.TestCase, parameterized.TestCase):
     client_data = [0.5, 1.5, 2.5]
     client_weight = [1.0, 2.0, 1.0]
     output = process.next(state, client_data, client_weight)
-    self.assertAllClose(0.5 / 4, output.result)
+    # fedkernels: by design zeroed clients drop out of the denominator (see above): 0.5 / 1
+    # and 3.5 / 3 where MeanFactory gives 0.5 / 4 and 3.5 / 4.
+    self.assertAllClose(0.5 / 1, output.result)
     self.assertAllClose(1.0, output.measurements['zeroing_norm'])
     self.assertEqual(2, output.measurements['zeroed_count'])
 
     output = process.next(output.state, client_data, client_weight)
-    self.assertAllClose(3.5 / 4, output.result)
+    self.assertAllClose(3.5 / 3, output.result)
     self.assertAllClose(2.0, output.measurements['zeroing_norm'])
     self.assertEqual(1, output.measurements['zeroed_count'])
 

@@ -143,7 +143,7 @@ class TopKProcess:
     def resolve_k(self, d: int) -> int:
         if self.k is not None:
             return fk._validate.static_int("k", self.k, 1, d)
-        return max(1, min(d, math.ceil(self.fraction * d)))
+        return kernels.k_from_fraction(self.fraction, d)
 
     def initialize(self) -> Any:
         return ()

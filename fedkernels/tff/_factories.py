@@ -83,7 +83,7 @@ def _resolve_k(d: int, k: int | None, fraction: float | None) -> int:
         raise ValueError(f"pass exactly one of k and fraction, got k={k!r}, fraction={fraction!r}")
     if k is not None:
         return fk._validate.static_int("k", k, 1, d)
-    return max(1, min(d, math.ceil(fraction * d)))
+    return kernels.k_from_fraction(fraction, d)
 
 
 def _check_fraction(k: Any, fraction: Any) -> None:
@@ -350,7 +350,7 @@ def _fused_masked_mean(factory: MaskedMeanFactory, value_type: Any, weight_type:
     weight_dtype = np.dtype(weight_type.dtype)
     per_coordinate = factory.count_contributors
     no_nan_division = factory.no_nan_division
-    codec = None if quantizer is None else _QuantizeCodec(specs, quantizer)
+    codec = None if quantizer is None else _QuantizeCodec(specs, quantizer, masked=True)
     value_sum_process = None if quantizer is None else quantizer.create(value_type)
 
     @tff.tensorflow.computation
@@ -569,11 +569,11 @@ def _concat_specs(value_type: Any) -> list:
         )
     specs = tf.nest.flatten(_specs(value_type))
     dtypes = [np.dtype(s.dtype.as_numpy_dtype) for s in specs]
-    if not all(np.issubdtype(t, np.integer) or np.issubdtype(t, np.floating) for t in dtypes):
-        raise TypeError(f"Component dtypes of `value_type` must all be integers or floats, "
-                        f"got {value_type}")
     if len(set(dtypes)) > 1:
         raise TypeError(f"Component dtypes of `value_type` should have the same dtype, "
+                        f"got {value_type}")
+    if not all(np.issubdtype(t, np.integer) or np.issubdtype(t, np.floating) for t in dtypes):
+        raise TypeError(f"Component dtypes of `value_type` must all be integers or floats, "
                         f"got {value_type}")
     return specs
 
@@ -581,8 +581,8 @@ def _concat_specs(value_type: Any) -> list:
 def _concat_fns(value_type: Any) -> tuple[Any, Any, Any]:
     """`(concat, unconcat, flat_type)`: leaves in `tf.nest` order (dict keys sorted, as TFF's
     `concat_factory`), each raveled in C order, in the leaves' own dtype."""
-    structure = _specs(value_type)
     specs = _concat_specs(value_type)
+    structure = _specs(value_type)
     shapes = [s.shape.as_list() for s in specs]
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
     flat_type = tff.TensorType(specs[0].dtype.as_numpy_dtype, [sum(sizes)])

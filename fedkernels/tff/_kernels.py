@@ -17,6 +17,7 @@ float32 sums at length 200. `lax.associative_scan` is correct, so `ascending` be
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -24,6 +25,13 @@ import jax.numpy as jnp
 from jax import lax
 
 import fedkernels as fk
+
+
+def k_from_fraction(fraction: float, d: int) -> int:
+    """The k that `fraction` of `d` coordinates means: `ceil(fraction * d)` clipped to
+    `[1, d]` (the one rule for `top_k_factory`, `compression_aggregator`, the error-feedback
+    encoder and the numpy bridge; the core's `fedkernels` helper is to replace this body)."""
+    return max(1, min(d, math.ceil(fraction * d)))
 
 
 def top_k_unsorted(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
