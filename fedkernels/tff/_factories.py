@@ -1,11 +1,13 @@
-"""`tff.aggregators` factories whose client and server work is the fedkernels JAX kernels.
+"""`tff.aggregators` factories whose client and server work is the fedkernels kernels.
 
-Every TensorFlow computation below is a thin wrapper: it calls `staged(kernel)` on its
-arguments, where `staged` is `jax2tf.convert(..., native_serialization=False,
-enable_xla=False, with_gradient=False)`. That is the form TFF 0.87's C++ worker can run (no
-PyFunc, no XLA ops; see `_kernels.py` for which primitives convert). The federated plumbing
-(`federated_map`, `federated_aggregate`, inner processes) follows TFF's own factories
-(`mean.py`, `concat.py`, `encoded.py`).
+The kernels with real work (quantization, top-k, scatter) run as `staged(kernel)`:
+`jax2tf.convert(..., native_serialization=False, enable_xla=False, with_gradient=False)`, the
+form TFF 0.87's C++ worker can run (no PyFunc, no XLA ops; see `_kernels.py` for which
+primitives convert). The per-coordinate steps of the masked mean (compare, select, add) and
+concatenation are TensorFlow ops, so every leaf keeps its dtype whatever JAX's x64 flag says;
+`fedkernels.masked_sum` / `fedkernels.flatten` are their references in the tests. The
+federated plumbing (`federated_map`, `federated_aggregate`, inner processes) follows TFF's
+own factories (`mean.py`, `concat.py`, `encoded.py`).
 """
 
 from __future__ import annotations
@@ -106,6 +108,12 @@ def _server_constant(value: Any) -> Any:
 # They are written with TensorFlow ops (not a converted JAX graph) because they then run in
 # every leaf's own dtype (float16/32/64, whatever JAX's x64 flag says) and as TF's native
 # kernels in TFF's worker; `fedkernels.masked_sum` is the reference they are tested against.
+
+
+def _compiled(fn: Any) -> Any:
+    """`fn` as one XLA-compiled TensorFlow function (TFF's worker runs it: it carries
+    `_XlaCompile`/`_XlaRun`), so a client's compare/select/add steps fuse into one pass."""
+    return tf.function(fn, jit_compile=True, autograph=False)
 
 
 def _leaves(structure: Any) -> list:
@@ -397,7 +405,7 @@ def _fused_masked_mean(factory: MaskedMeanFactory, value_type: Any, weight_type:
 
     @tff.tensorflow.computation(accumulator_type, encoded_type)
     def accumulate_fn(acc, encoded):
-        return accumulate(acc, encoded)
+        return _compiled(accumulate)(acc, encoded)
 
     @tff.tensorflow.computation(accumulator_type, accumulator_type)
     def merge_fn(a, b):
