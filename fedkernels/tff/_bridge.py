@@ -45,10 +45,18 @@ def _stack(client_values: Any) -> Any:
 
 
 def _weights(weights: Any, num_clients: int) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float32).reshape(-1)
+    """The client weights as float32 `[C]`; raises on a negative, NaN or infinite weight (the
+    staged factories leave such a client out and count it in `invalid_weights`)."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.shape != (num_clients,):
         raise ValueError(f"weights must have one entry per client ({num_clients}), got {w.shape}")
-    return w
+    bad = ~np.isfinite(w) | (w < 0) | (np.abs(w) > np.finfo(np.float32).max)
+    if bad.any():
+        raise ValueError(
+            "weights must be finite and >= 0 (within float32 range), got "
+            f"{w[bad].tolist()} for clients {np.flatnonzero(bad).tolist()}"
+        )
+    return w.astype(np.float32)
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -74,12 +82,17 @@ def _masked_mean_round(stacked: Any, weights: jax.Array, per_coordinate: bool) -
 
 
 class MaskedMeanProcess:
-    """Numpy bridge of `MaskedMeanFactory()`: per-coordinate weighted mean over contributors."""
+    """Numpy bridge of `MaskedMeanFactory()`: per-coordinate weighted mean over contributors.
+
+    `no_nan_division` as in the factory: with `False` (the default) the mean is NaN when the
+    weights sum to 0. Weights must be finite and >= 0 (ValueError naming `weights`).
+    """
 
     weighted = True
 
-    def __init__(self, count_contributors: bool = False):
+    def __init__(self, count_contributors: bool = False, no_nan_division: bool = False):
         self.count_contributors = bool(count_contributors)
+        self.no_nan_division = bool(no_nan_division)
 
     def initialize(self) -> Any:
         return collections.OrderedDict(value_sum_process=(), weight_sum_process=())
@@ -87,14 +100,17 @@ class MaskedMeanProcess:
     def next(self, state: Any, client_values: Any, weights: Any) -> MeasuredOutput:
         stacked = _stack(client_values)
         num_clients = len(client_values)
-        mean, stats = _masked_mean_round(
-            stacked, _weights(weights, num_clients), self.count_contributors
-        )
+        w = _weights(weights, num_clients)
+        mean, stats = _masked_mean_round(stacked, w, self.count_contributors)
+        mean = _to_numpy(mean)
+        if not self.no_nan_division and not np.sum(w, dtype=np.float64) > 0:
+            # as MeanFactory's division by a zero weight sum
+            mean = jax.tree_util.tree_map(lambda m: np.full_like(m, np.nan), mean)
         measurements = collections.OrderedDict(
             mean_value=(), mean_weight=(), num_clients=np.int32(num_clients),
-            contributors=_to_numpy(stats),
+            invalid_weights=np.int32(0), contributors=_to_numpy(stats),
         )
-        return MeasuredOutput(state, _to_numpy(mean), measurements)
+        return MeasuredOutput(state, mean, measurements)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -127,7 +143,7 @@ class TopKProcess:
     def resolve_k(self, d: int) -> int:
         if self.k is not None:
             return fk._validate.static_int("k", self.k, 1, d)
-        return max(1, min(d, math.ceil(self.fraction * d)))
+        return kernels.k_from_fraction(self.fraction, d)
 
     def initialize(self) -> Any:
         return ()

@@ -71,9 +71,8 @@ def stop_local_workers() -> int:
 
 def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGINT (the worker's own shutdown), then SIGKILL if it has not exited after `timeout`
-    seconds. A worker ignored SIGINT for minutes at the end of `--suite tff` (2026-12-03,
-    holding 4.9 GB and a core): that bench was started from a background shell, whose
-    children inherit SIGINT ignored."""
+    seconds: a worker started from a background shell inherits SIGINT ignored and would
+    otherwise keep its memory and a core."""
     process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=timeout)

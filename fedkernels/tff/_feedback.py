@@ -146,8 +146,11 @@ def build_error_feedback_round(client_update: Any, model_type: Any, data_type: A
 class ClientResiduals:
     """The driver-side store of error-feedback residuals, keyed by client id.
 
-    `get(ids)` returns one `float[d]` per id (zeros for an id not seen yet); `put(ids,
-    residuals)` stores the round's new residuals. Plain numpy, in the driver's memory.
+    `get(ids)` returns one `float[d]` per id (zeros for an id not seen yet), each a copy, so
+    changing it leaves the store unchanged; `put(ids, residuals)` stores the round's new
+    residuals (copies). Repeated ids in one call raise a ValueError, in both (as
+    `fedkernels.residual_store` does): a client takes part at most once per round. Plain
+    numpy, in the driver's memory.
     """
 
     def __init__(self, d: int, dtype: Any = np.float32):
@@ -155,15 +158,20 @@ class ClientResiduals:
         self._store: dict[Any, np.ndarray] = collections.OrderedDict()
 
     def get(self, client_ids: list) -> list[np.ndarray]:
-        return [self._store.get(i, np.zeros(self.d, self.dtype)) for i in client_ids]
+        _check_unique(client_ids)
+        return [
+            self._store[i].copy() if i in self._store else np.zeros(self.d, self.dtype)
+            for i in client_ids
+        ]
 
     def put(self, client_ids: list, residuals: list) -> None:
+        _check_unique(client_ids)
         if len(client_ids) != len(residuals):
             raise ValueError(
                 f"one residual per client id: got {len(client_ids)} ids, {len(residuals)} residuals"
             )
         for i, r in zip(client_ids, residuals, strict=True):
-            r = np.asarray(r, self.dtype)
+            r = np.array(r, self.dtype)  # a copy: the caller's array stays the caller's
             if r.shape != (self.d,):
                 raise ValueError(
                     f"residual for client {i!r} must have shape ({self.d},), got {r.shape}"
@@ -175,3 +183,16 @@ class ClientResiduals:
 
     def __contains__(self, client_id: Any) -> bool:
         return client_id in self._store
+
+
+def _check_unique(client_ids: list) -> None:
+    seen, repeated = set(), []
+    for i in client_ids:
+        if i in seen and i not in repeated:
+            repeated.append(i)
+        seen.add(i)
+    if repeated:
+        raise ValueError(
+            f"client_ids must be distinct (a client takes part once per round), got "
+            f"{repeated} more than once"
+        )

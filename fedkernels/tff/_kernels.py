@@ -5,7 +5,7 @@ that run in TFF's worker, and by `jax.jit` in the numpy bridge. Both paths there
 the same thing with the same kernels; the only math written here is glue (division with a 0
 fallback, summary statistics, the client fingerprint).
 
-Convertibility (jax2tf, `enable_xla=False`), measured with jax 0.4.30 / TF 2.14 in TFF 0.87's
+Convertibility (jax2tf, `enable_xla=False`), with jax 0.4.30 / TF 2.14 in TFF 0.87's
 worker: `masked_sum` (`lax.fori_loop`), `scatter`/`scatter_sum` (`mode="drop"` scatter-add),
 `quantize`/`dequantize` (threefry, shifts, ors), `flatten`/`Unflatten`, `magnitude_key`,
 `lax.top_k` convert and match JAX. `fedkernels.top_k` does not: it orders the indices with
@@ -24,6 +24,15 @@ import jax.numpy as jnp
 from jax import lax
 
 import fedkernels as fk
+from fedkernels._pipeline.layout import top_k_size
+
+
+def k_from_fraction(fraction: float, d: int) -> int:
+    """The k that `fraction` of `d` coordinates means: `ceil(fraction * d)` clipped to
+    `[1, d]`, the core's one rule (`fedkernels.compressor`'s `top_k_fraction`), for
+    `top_k_factory`, `compression_aggregator`, the error-feedback encoder and the numpy
+    bridge."""
+    return top_k_size(d, fraction=fraction)
 
 
 def top_k_unsorted(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
