@@ -13,6 +13,13 @@ the `StateUpdateTensorsEncodingStage` they use): fedkernels replaces only the
 `quantize_above_threshold` configuration, not the generic encoder factory.
 """
 
+import pytest
+
+pytest.importorskip(
+    "tensorflow_federated",
+    reason="the ported TFF tests need tensorflow-federated (the locked .venv stack)",
+)
+
 import random
 
 import numpy as np

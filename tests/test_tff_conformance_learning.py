@@ -12,6 +12,13 @@ Not ported, not applicable (no fedkernels counterpart): the robust_aggregator, d
 secure_aggregator and ddp_secure_aggregator cases.
 """
 
+import pytest
+
+pytest.importorskip(
+    "tensorflow_federated",
+    reason="the ported TFF tests need tensorflow-federated (the locked .venv stack)",
+)
+
 import numpy as np
 from absl.testing import parameterized
 from tensorflow_federated.python.aggregators import factory

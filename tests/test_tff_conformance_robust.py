@@ -15,6 +15,13 @@ test_fixed_zero_sum, test_fixed_zero_sum_struct, test_fixed_zero_sum_struct_inf_
 test_increasing_zero_sum, test_increasing_zero_clip_sum, test_zero_mixed_float_dtype, NormTest.
 """
 
+import pytest
+
+pytest.importorskip(
+    "tensorflow_federated",
+    reason="the ported TFF tests need tensorflow-federated (the locked .venv stack)",
+)
+
 import collections
 
 import numpy as np
