@@ -135,7 +135,9 @@ def test(args: list[str]) -> None:
             log(f"{title}: pytest exited {code} after {time.perf_counter() - start:.0f} s")
             log_file.seek(0)
             sys.stdout.flush()
-            sys.stdout.buffer.write(log_file.read())
+            output = log_file.read()
+            # A run stopped mid-line (killed, timed out) must not swallow the next line.
+            sys.stdout.buffer.write(output if output.endswith(b"\n") else output + b"\n")
             sys.stdout.flush()
             if code != 0:
                 failed.append((title.split(":")[0], code))
