@@ -13,6 +13,7 @@ uv, then lets uv build the environments:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,10 +94,35 @@ def run(args: list[str]) -> None:
     call([python, "-m", "fedsim", *args], env=base_env())  # from ROOT: fedsim/ is importable
 
 
-def start_pytest(python: Path, args: list[str], log_file) -> subprocess.Popen:
-    """pytest in the background, its output into `log_file` (printed when it is done)."""
+# On the newest jax (0.10.2), XLA:CPU segfaults while compiling one of
+# tests/test_quantize.py's programs when that file runs after the rest of the suite in one
+# process (reproducible; the file passes alone and after test_host or test_fedsim). Until
+# that is narrowed down, the newest stack runs it in a process of its own.
+OWN_PROCESS = ["tests/test_quantize.py"]
+
+# Runs pytest commands one after the other; exits with the first non-zero code.
+_CHAIN = (
+    "import json, subprocess, sys; "
+    "codes = [subprocess.call(c) for c in json.loads(sys.argv[1])]; "
+    "sys.exit(next((c for c in codes if c), 0))"
+)
+
+
+def start_pytest(
+    python: Path, args: list[str], log_file, own_process: list[str] = ()
+) -> subprocess.Popen:
+    """pytest in the background, its output into `log_file` (printed when it is done).
+    `own_process`: test files run in a second pytest process after the first, unless `args`
+    name tests themselves."""
     cmd = [str(python), "-m", "pytest", *args]
-    log("$ " + " ".join(cmd) + f"  (output: {log_file.name}, shown when done)")
+    if own_process and all(a.startswith("-") for a in args):
+        first = cmd + [f"--ignore={path}" for path in own_process]
+        commands = [first, cmd + list(own_process)]
+        cmd = [str(python), "-c", _CHAIN, json.dumps(commands)]
+        log("$ " + " ; ".join(" ".join(c) for c in commands)
+            + f"  (output: {log_file.name}, shown when done)")
+    else:
+        log("$ " + " ".join(cmd) + f"  (output: {log_file.name}, shown when done)")
     return subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=log_file,
                             stderr=subprocess.STDOUT)
 
@@ -127,8 +153,9 @@ def test(args: list[str]) -> None:
             log_file = tempfile.NamedTemporaryFile(
                 "w+b", prefix="fedkernels-pytest-", suffix=".log"
             )
-            runs.append((title, start_pytest(stack_python, args, log_file), log_file,
-                         time.perf_counter()))
+            own_process = OWN_PROCESS if title.startswith("stack 2/2") else []
+            runs.append((title, start_pytest(stack_python, args, log_file, own_process),
+                         log_file, time.perf_counter()))
         failed = []
         for title, proc, log_file, start in runs:
             code = proc.wait()
