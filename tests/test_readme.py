@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (TFF ones only where TFF is installed)."""
+"""The README's Python examples run as written (TFF ones only where TFF is installed), and every
+row of the bad-input tables (README.md and docs/bad-input.md) gives what it says."""
 
 import importlib.util
 import re
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+BAD_INPUT = README.parent / "docs" / "bad-input.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
@@ -27,14 +29,23 @@ def test_quick_start_is_two_commands():
     assert "\npython3 dev.py test\n" in ci
 
 
-def _bad_input_rows():
-    section = README.read_text().split("## Bad input", 1)[1].split("\n## ", 1)[0]
+def _table_rows(text):
     rows = []
-    for line in section.splitlines():
+    for line in text.splitlines():
         match = re.fullmatch(r"\| `(.+?)` \| (.+) \|", line.strip())
         if match:
             rows.append((match.group(1), match.group(2)))
     return rows
+
+
+def _readme_bad_input_rows():
+    return _table_rows(README.read_text().split("## Bad input", 1)[1].split("\n## ", 1)[0])
+
+
+def _bad_input_rows():
+    """Every row of docs/bad-input.md, then the README's rows not already there."""
+    rows = _table_rows(BAD_INPUT.read_text())
+    return rows + [row for row in _readme_bad_input_rows() if row not in rows]
 
 
 @pytest.mark.parametrize("code,result", _bad_input_rows())
@@ -59,5 +70,6 @@ def test_bad_input_table(code, result):
     np.testing.assert_array_equal(np.asarray(eval(code, scope)), eval(expected.group(1)))
 
 
-def test_bad_input_table_is_not_empty():
-    assert len(_bad_input_rows()) >= 20
+def test_bad_input_tables_are_not_empty():
+    assert len(_readme_bad_input_rows()) >= 10
+    assert len(_table_rows(BAD_INPUT.read_text())) >= 40
