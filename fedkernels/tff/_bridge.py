@@ -233,3 +233,17 @@ class ConcatProcess:
         output = self.inner.next(state, flats, *weights)
         result = _to_numpy(unflatten(jnp.asarray(output.result)))
         return MeasuredOutput(output.state, result, output.measurements)
+
+
+def numpy_process(factory: Any) -> Any:
+    """The numpy bridge for a fedkernels.tff factory: an object with AggregationProcess's
+    `initialize()` / `next(state, client_values, weights)` that runs the JAX kernels directly
+    on the values held in Python. Raises NotImplementedError for compositions it cannot run
+    (TFF's own factories, clipping, zeroing)."""
+    make = getattr(factory, "numpy_process", None)
+    if make is None:
+        raise NotImplementedError(
+            f"no numpy bridge for {type(factory).__name__}: only fedkernels.tff factories "
+            "(MaskedMeanFactory, concat_factory, top_k_factory, quantize_above_threshold)"
+        )
+    return make()
