@@ -134,16 +134,11 @@ class TopKProcess:
     weighted = True
 
     def __init__(self, fraction: float | None = None, k: int | None = None):
-        if (k is None) == (fraction is None):
-            raise ValueError(
-                f"pass exactly one of k and fraction, got k={k!r}, fraction={fraction!r}"
-            )
+        kernels.check_k(k, fraction)
         self.fraction, self.k = fraction, k
 
     def resolve_k(self, d: int) -> int:
-        if self.k is not None:
-            return fk._validate.static_int("k", self.k, 1, d)
-        return kernels.k_from_fraction(self.fraction, d)
+        return kernels.resolve_k(d, self.k, self.fraction)
 
     def initialize(self) -> Any:
         return ()

@@ -56,9 +56,9 @@ def error_feedback_encoder(value_type: Any, *, k: int | None = None,
     Invariant: `scatter(values, indices, d) + new_residual == flat + residual`.
     The computation has attributes `d` and `k`. Pass exactly one of `k` and `fraction`.
     """
-    _staging._check_fraction(k, fraction)
+    kernels.check_k(k, fraction)
     layout = _staging._Layout(value_type)
-    k = _staging._resolve_k(layout.d, k, fraction)
+    k = kernels.resolve_k(layout.d, k, fraction)
 
     @tff.tensorflow.computation(value_type, layout.flat_type)
     def encode(update, residual):

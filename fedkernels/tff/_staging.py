@@ -26,7 +26,6 @@ import numpy as np
 
 import fedkernels as fk
 from fedkernels.tff import _deps
-from fedkernels.tff import _kernels as kernels
 
 tf = _deps.tf()
 tff = _deps.tff()
@@ -93,23 +92,6 @@ class _Layout:
         self.d = self.unflatten.size
         self.flat_dtype = np.dtype(self.unflatten.flat_dtype)
         self.flat_type = tff.TensorType(self.flat_dtype, [self.d])
-
-
-def _resolve_k(d: int, k: int | None, fraction: float | None) -> int:
-    if (k is None) == (fraction is None):
-        raise ValueError(f"pass exactly one of k and fraction, got k={k!r}, fraction={fraction!r}")
-    if k is not None:
-        return fk._validate.static_int("k", k, 1, d)
-    return kernels.k_from_fraction(fraction, d)
-
-
-def _check_fraction(k: Any, fraction: Any) -> None:
-    if (k is None) == (fraction is None):
-        raise ValueError(f"pass exactly one of k and fraction, got k={k!r}, fraction={fraction!r}")
-    if fraction is not None and not (isinstance(fraction, int | float) and 0 < fraction <= 1):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    if k is not None:
-        fk._validate.static_int("k", k, 1)
 
 
 def _server_constant(value: Any) -> Any:

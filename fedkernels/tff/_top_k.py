@@ -14,9 +14,7 @@ from fedkernels.tff import _kernels as kernels
 from fedkernels.tff._staging import (
     _INDEX_BYTES,
     _check_floats,
-    _check_fraction,
     _Layout,
-    _resolve_k,
     _server_constant,
     staged,
     tf,
@@ -154,7 +152,7 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
     """
 
     def __init__(self, fraction: float | None = None, k: int | None = None, inner: Any = None):
-        _check_fraction(k, fraction)
+        kernels.check_k(k, fraction)
         if inner is not None and not isinstance(inner, tff.aggregators.WeightedAggregationFactory):
             raise TypeError(
                 f"inner must be a tff.aggregators.WeightedAggregationFactory, "
@@ -166,7 +164,7 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
         _check_floats(value_type)
         layout = _Layout(value_type)
         d = layout.d
-        k = _resolve_k(d, self.k, self.fraction)
+        k = kernels.resolve_k(d, self.k, self.fraction)
         itemsize = layout.flat_dtype.itemsize
         bytes_sent = k * (itemsize + _INDEX_BYTES) + 4
         dense_bytes = d * itemsize
