@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host-memory",
         choices=("keep", "default"),
         default="keep",
-        help="keep: fedkernels.keep_host_memory() (glibc keeps freed buffers warm; applies to "
+        help="keep: fedkernels.host.keep_host_memory() (glibc keeps freed buffers warm; applies to "
         "NumPy and JAX alike); default: glibc's defaults, large buffers mapped afresh per call",
     )
     parser.add_argument(
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import fedkernels
 
-    kept = args.host_memory == "keep" and fedkernels.keep_host_memory()
+    kept = args.host_memory == "keep" and fedkernels.host.keep_host_memory()
 
     from bench import _common, roofline
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15, help="ops printed")
     parser.add_argument("--out", type=Path, default=Path("results/bench/profile_round.json"))
     args = parser.parse_args(argv)
-    fk.keep_host_memory()
+    fk.host.keep_host_memory()
     result = profile(args.clients, args.dim, args.rounds)
     print(f"jax {result['jax']}, C={args.clients}, d={args.dim}: round "
           f"{result['wall_ms_per_round']:.1f} ms under the profiler (median), "

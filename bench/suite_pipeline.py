@@ -298,7 +298,7 @@ MESH_SCRIPT = textwrap.dedent(
     from bench.suite_pipeline import round_inputs, round_options
 
     if keep:
-        fk.keep_host_memory()
+        fk.host.keep_host_memory()
     assert len(jax.devices("cpu")) == devices, jax.devices()
     updates, residuals = round_inputs(num_clients, d)  # the parent's data, bit for bit
     template = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}

@@ -9,8 +9,8 @@ too: `top_k`, `top_k_with_feedback`, `quantize`/`dequantize`, `pack_bits`, `scat
 `scatter_sum`, `masked_mean`, `flatten`.
 
 The core imports only jax and numpy. The TensorFlow Federated adapters live in
-`fedkernels.tff` and import TensorFlow lazily. `fedkernels.host` holds the process-wide host
-memory setting (`keep_host_memory`), which is not a kernel.
+`fedkernels.tff` and import TensorFlow lazily. `fedkernels.host.keep_host_memory()`, an
+opt-in process-wide setting of the host's memory allocator, is not a kernel and lives apart.
 """
 
 from fedkernels import host as host
@@ -38,10 +38,6 @@ from fedkernels._radix import RadixConfig
 from fedkernels._scatter import scatter, scatter_sum
 from fedkernels._sharding import client_mesh
 from fedkernels._topk import magnitude_key, top_k, top_k_with_feedback
-
-# Aliases kept for existing callers (bench/); the public home is `fedkernels.host`.
-from fedkernels.host import host_memory_kept as host_memory_kept
-from fedkernels.host import keep_host_memory as keep_host_memory
 
 __version__ = "0.1.0"
 

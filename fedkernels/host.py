@@ -1,7 +1,7 @@
 """Host (CPU) memory settings that decide how fast XLA:CPU kernels run on large arrays.
 
 A process-wide glibc setting, not a kernel: it lives here, apart from the kernels in the
-`fedkernels` namespace (`fedkernels.keep_host_memory` remains as an alias for existing callers).
+`fedkernels` namespace.
 
 XLA:CPU allocates every output and temporary buffer with `malloc`, and glibc serves
 allocations above its mmap threshold with a fresh `mmap`: every page of every large buffer is

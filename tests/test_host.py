@@ -92,8 +92,8 @@ def test_kept_memory_reuses_large_buffers_on_every_stack():
 
 
 def test_host_setting_lives_in_its_own_module():
-    """The process-wide setting is `fedkernels.host`, not a kernel; the top-level names are
-    aliases of it (kept for existing callers) and stay out of `fedkernels.__all__`."""
-    assert fk.keep_host_memory is host.keep_host_memory
-    assert fk.host_memory_kept is host.host_memory_kept
-    assert "keep_host_memory" not in fk.__all__ and "host_memory_kept" not in fk.__all__
+    """The process-wide setting is `fedkernels.host`, not a kernel: no top-level names."""
+    assert fk.host is host and callable(host.keep_host_memory)
+    for name in ("keep_host_memory", "host_memory_kept"):
+        assert not hasattr(fk, name), name
+        assert name not in fk.__all__

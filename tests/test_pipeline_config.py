@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fedkernels as fk
-from fedkernels._pipeline.layout import payload_bytes, top_k_size
+from fedkernels._pipeline.layout import check_top_k_arguments, payload_bytes, top_k_size
 
 # A 784-64-10 MLP: leaves of 50176, 64, 640 and 10 parameters (50,890 in all).
 MLP = {
@@ -60,6 +60,23 @@ def test_top_k_size_errors():
         top_k_size(10, count=11)
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 1.5"):
         top_k_size(10, fraction=1.5)
+
+
+def test_top_k_arguments_are_checked_before_d_with_the_callers_names():
+    names = ("fraction", "k")
+    with pytest.raises(ValueError, match="exactly one of fraction and k, got fraction=None"):
+        check_top_k_arguments(None, None, names=names)
+    with pytest.raises(ValueError, match=r"k must be >= 1, got 0"):
+        check_top_k_arguments(None, 0, names=names)
+    with pytest.raises(TypeError, match="k must be a static Python int"):
+        check_top_k_arguments(None, 2.5, names=names)
+    with pytest.raises(TypeError, match=r"fraction must be a float in \(0, 1\], got '0.1'"):
+        check_top_k_arguments("0.1", None, names=names)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0.0"):
+        check_top_k_arguments(0.0, None, names=names)
+    check_top_k_arguments(np.float32(0.5), None, names=names)  # valid: returns None
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\], got 11"):
+        top_k_size(10, count=11, names=names)
 
 
 def test_count_and_fraction_mean_what_they_say():

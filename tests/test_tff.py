@@ -130,7 +130,7 @@ class TestTypeSignatures:
         assert process.next.type_signature.result.result == tff.FederatedType(same, tff.SERVER)
 
     def test_rejects_bad_arguments(self):
-        with pytest.raises(ValueError, match="exactly one of k and fraction"):
+        with pytest.raises(ValueError, match="exactly one of fraction and k"):
             ft.top_k_factory()
         with pytest.raises(ValueError, match="fraction must be in"):
             ft.top_k_factory(fraction=1.5)

@@ -85,8 +85,12 @@ def test_top_k_process():
 
 def test_top_k_process_fraction_rounds_up():
     assert ft.TopKProcess(fraction=0.01).resolve_k(150) == 2
-    with pytest.raises(ValueError, match="exactly one of k and fraction"):
+    with pytest.raises(ValueError, match="exactly one of fraction and k"):
         ft.TopKProcess()
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 1.5"):
+        ft.TopKProcess(fraction=1.5)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 150\], got 151"):
+        ft.TopKProcess(k=151).resolve_k(150)
 
 
 def test_quantize_sum_process_error_bound_and_reproducible():

@@ -24,7 +24,7 @@ import numpy as np
 from absl.testing import parameterized
 
 import fedkernels.tff as ft  # noqa: E402
-from fedkernels.tff import _factories  # noqa: E402
+from fedkernels.tff import _concat  # noqa: E402
 from tests._tff_conformance import (  # noqa: F401  (tff_test_context: autouse fixture)
   split_masked_mean_measurements,
   tf,
@@ -55,13 +55,13 @@ class concat:  # noqa: N801  (TFF's module name; fedkernels' computations behind
   @staticmethod
   def _concat_impl(value):
     value = tf.nest.map_structure(lambda x: x.numpy(), value)
-    fn, _, _ = _factories._concat_fns(_value_type(value))
+    fn, _, _ = _concat._concat_fns(_value_type(value))
     return fn(value)
 
   @staticmethod
   def _unconcat_impl(concat_value, original_structure):
     original = tf.nest.map_structure(lambda x: x.numpy(), original_structure)
-    _, fn, flat_type = _factories._concat_fns(_value_type(original))
+    _, fn, flat_type = _concat._concat_fns(_value_type(original))
     # fedkernels: the flat value in the flat type's dtype (TFF's helper takes any tensor)
     return fn(concat_value.numpy().astype(flat_type.dtype))
 

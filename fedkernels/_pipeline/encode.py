@@ -3,7 +3,8 @@
 Per client: `acc = update + residual` on the sparse segment, select k coordinates (the
 selector: "top_k", "random_k" or "none"), quantize the kept values (the quantizer:
 "float32", "own_range" or "shared_range"), bit-pack codes and indices. `encode` picks one of
-three encoders from those two static choices (`ENCODERS`); they share the rules below:
+three encoders from those two static choices (`encoder`); they share the rules below, and
+end in `_finish`, which zeroes an excluded client's payload and keeps its old residual:
 
 - A client is *included* when it is present (not padding) and its `acc`, its dense segment
   and its decoded values are finite (`finite_rows`); otherwise it uploads nothing.
@@ -113,17 +114,6 @@ def row_norms(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(acc, axis=1) + jnp.sum(tail * tail, axis=1))
 
 
-def _residual_report(
-    new_residuals: jax.Array | None, old_residuals: jax.Array | None, included: jax.Array
-) -> tuple[jax.Array | None, jax.Array]:
-    """(new residuals with excluded clients' old rows kept, their norms); no error feedback:
-    (None, zeros)."""
-    if new_residuals is None:
-        return None, jnp.zeros(included.shape, jnp.float32)
-    new_residuals = keep_old_residuals(new_residuals, old_residuals, included)
-    return new_residuals, row_norms(new_residuals)
-
-
 def client_keys(key: jax.Array, client_ids: jax.Array, stream: int) -> jax.Array:
     # Per-client randomness from the client's id, not its position in the cohort, so chunking,
     # sharding and cohort order do not change the draws.
@@ -180,17 +170,21 @@ def quantize_values(
     return QUANTIZERS[config.quantizer](config, values, keys)
 
 
-def _payload(
+def _finish(
     config: CompressorConfig,
     layout: Layout,
     included: jax.Array,
-    finite: jax.Array,
     indices: jax.Array | None,
     values: jax.Array,
     quantized: tuple[jax.Array, jax.Array, jax.Array],
     dense: jax.Array,
-) -> Payload:
-    """What the clients upload; excluded clients' rows are zeros (and are not counted)."""
+    new_residuals: jax.Array | None,
+    old_residuals: jax.Array | None,
+) -> Encoded:
+    """The encoders' common end: the payload, with an excluded client's rows zeros (they are
+    not counted either), the new residuals with an excluded client's old row kept
+    (`keep_old_residuals`) and their norms, and the report. Without error feedback
+    (`new_residuals is None`): no residuals, norms 0."""
     c = values.shape[0]
 
     def keep(a):
@@ -202,14 +196,18 @@ def _payload(
         if indices is None
         else pack_bits(indices.astype(jnp.uint32), layout.index_bits)
     )
-    return Payload(
+    payload = Payload(
         indices=keep(packed_indices),
         values=keep(values) if config.bits is None else jnp.zeros((c, 0), jnp.float32),
         codes=keep(codes),
         minimum=keep(minimum),
         maximum=keep(maximum),
-        dense=keep(jnp.where(finite[:, None], dense, 0.0)),
+        dense=keep(dense),
     )
+    if new_residuals is None:
+        return payload, None, ClientReport(included, jnp.zeros((c,), jnp.float32))
+    new_residuals = keep_old_residuals(new_residuals, old_residuals, included)
+    return payload, new_residuals, ClientReport(included, row_norms(new_residuals))
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,11 +262,8 @@ def _encode_generic(
     if new_residuals is not None:
         ok_values &= finite_rows(new_residuals)
     included = finite & ok_values
-    new_residuals, residual_norm = _residual_report(new_residuals, old_residuals, included)
-    payload = _payload(
-        config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
-    )
-    return payload, new_residuals, ClientReport(included, residual_norm)
+    return _finish(config, layout, included, indices, values, (codes, minimum, maximum), dense,
+                   new_residuals, old_residuals)
 
 
 def _encode_own_range_dense(
@@ -284,7 +279,7 @@ def _encode_own_range_dense(
     `quantize_above_threshold`), in two passes over `[C, d_s]`. The range pass also finds the
     clients with NaN/Inf (`quantize_rows`) and an overflowing decode is told from the range
     (`decodes_finite`), so neither needs a pass of its own; excluded clients' codes are
-    computed but never sent (`_payload` zeroes them)."""
+    computed but never sent (`_finish` zeroes them)."""
     sparse, dense = split(layout, flat)
     old_residuals = None if residuals is None else residuals.astype(jnp.float32)
     acc = sparse if old_residuals is None else sparse + old_residuals
@@ -295,11 +290,8 @@ def _encode_own_range_dense(
     if config.error_feedback:
         new_residuals = acc - dequantize(q)
         included &= finite_rows(new_residuals)
-    new_residuals, residual_norm = _residual_report(new_residuals, old_residuals, included)
-    payload = _payload(
-        config, layout, included, finite, None, acc, (q.packed, q.minimum, q.maximum), dense
-    )
-    return payload, new_residuals, ClientReport(included, residual_norm)
+    return _finish(config, layout, included, None, acc, (q.packed, q.minimum, q.maximum), dense,
+                   new_residuals, old_residuals)
 
 
 def _encode_top_k(
@@ -363,11 +355,8 @@ def _encode_top_k(
             ).reshape(c, d_s)
         else:
             new_residuals = acc.at[jnp.arange(c)[:, None], indices].set(unseen, **scatter_options)
-    new_residuals, residual_norm = _residual_report(new_residuals, residuals, included)
-    payload = _payload(
-        config, layout, included, finite, indices, values, (codes, minimum, maximum), dense
-    )
-    return payload, new_residuals, ClientReport(included, residual_norm)
+    return _finish(config, layout, included, indices, values, (codes, minimum, maximum), dense,
+                   new_residuals, residuals)
 
 
 def encoder(config: CompressorConfig, layout: Layout) -> Callable[..., Encoded]:

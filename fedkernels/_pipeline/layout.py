@@ -29,13 +29,52 @@ WORD_BYTES = 4  # packed indices and codes travel in uint32 words
 SELECTORS = ("none", "top_k", "random_k")
 
 
-def top_k_size(d: int, *, fraction: float | None = None, count: int | None = None) -> int:
+def check_top_k_arguments(
+    fraction: Any, count: Any, *, names: tuple[str, str] = ("fraction", "count")
+) -> None:
+    """The checks of `top_k_size` that need no `d`, for a caller that takes the k arguments
+    before it knows the model (`fedkernels.tff`'s `top_k_factory`, with `names=("fraction",
+    "k")`): exactly one of `fraction` and `count` given, `fraction` a real number in (0, 1],
+    `count` an int >= 1. `names` are the caller's names of the two arguments, for the messages.
+
+    Raises:
+      ValueError: both or neither given, `fraction` outside (0, 1], `count` < 1.
+      TypeError: `count` not an int, `fraction` not a real number.
+
+    >>> check_top_k_arguments(None, 0, names=("fraction", "k"))
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be >= 1, got 0
+    """
+    fraction_name, count_name = names
+    if (fraction is None) == (count is None):
+        raise ValueError(
+            f"pass exactly one of {fraction_name} and {count_name}, got "
+            f"{fraction_name}={fraction!r}, {count_name}={count!r}"
+        )
+    if count is not None:
+        _validate.static_int(count_name, count, 1)
+        return
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating):
+        raise TypeError(f"{fraction_name} must be a float in (0, 1], got {fraction!r}")
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"{fraction_name} must be in (0, 1], got {float(fraction)}")
+
+
+def top_k_size(
+    d: int,
+    *,
+    fraction: float | None = None,
+    count: int | None = None,
+    names: tuple[str, str] = ("fraction", "count"),
+) -> int:
     """k, the coordinates a top-k (or random-k) selection keeps out of `d`: the one rule of
     fedkernels (core compressor and TFF adapters alike).
 
     Exactly one of `fraction` (in (0, 1]: k = ceil(fraction * d) clipped to [1, d], with
     the fraction taken as written in decimal, so 0.07 of 100 is 7, where the float product
     7.000000000000001 would round up to 8) or `count` (in [1, d]: k = count). `d >= 1`.
+    `names` are the caller's names of `fraction` and `count`, for the messages.
 
     Raises:
       ValueError: both or neither given, `fraction` outside (0, 1], `count` outside [1, d].
@@ -45,16 +84,9 @@ def top_k_size(d: int, *, fraction: float | None = None, count: int | None = Non
     (7, 502, 3)
     """
     d = _validate.static_int("d", d, 1)
-    if (fraction is None) == (count is None):
-        raise ValueError(
-            f"pass exactly one of fraction and count, got fraction={fraction!r}, count={count!r}"
-        )
+    check_top_k_arguments(fraction, count, names=names)
     if count is not None:
-        return _validate.static_int("count", count, 1, d)
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating):
-        raise TypeError(f"fraction must be a float in (0, 1], got {fraction!r}")
-    if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {float(fraction)}")
+        return _validate.static_int(names[1], count, 1, d)
     exact = fractions.Fraction(repr(float(fraction))) * d
     return max(1, min(d, math.ceil(exact)))
 

@@ -23,16 +23,16 @@ from typing import Any
 
 _NAMES = {
     # staged factories
-    "MaskedMeanFactory": "_factories",
-    "TopKFactory": "_factories",
-    "QuantizeAboveThresholdFactory": "_factories",
-    "concat_factory": "_factories",
-    "quantize_above_threshold": "_factories",
-    "top_k_factory": "_factories",
-    "compression_aggregator": "_factories",
-    "sparse_masked_mean_process": "_factories",
-    "numpy_process": "_factories",
-    "staged": "_factories",
+    "MaskedMeanFactory": "_mean",
+    "TopKFactory": "_top_k",
+    "QuantizeAboveThresholdFactory": "_quantize",
+    "concat_factory": "_concat",
+    "quantize_above_threshold": "_quantize",
+    "top_k_factory": "_top_k",
+    "compression_aggregator": "_compression",
+    "sparse_masked_mean_process": "_top_k",
+    "numpy_process": "_bridge",
+    "staged": "_staging",
     # error feedback
     "error_feedback_encoder": "_feedback",
     "ErrorFeedbackRound": "_feedback",

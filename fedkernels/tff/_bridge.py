@@ -134,16 +134,11 @@ class TopKProcess:
     weighted = True
 
     def __init__(self, fraction: float | None = None, k: int | None = None):
-        if (k is None) == (fraction is None):
-            raise ValueError(
-                f"pass exactly one of k and fraction, got k={k!r}, fraction={fraction!r}"
-            )
+        kernels.check_k(k, fraction)
         self.fraction, self.k = fraction, k
 
     def resolve_k(self, d: int) -> int:
-        if self.k is not None:
-            return fk._validate.static_int("k", self.k, 1, d)
-        return kernels.k_from_fraction(self.fraction, d)
+        return kernels.resolve_k(d, self.k, self.fraction)
 
     def initialize(self) -> Any:
         return ()
@@ -233,3 +228,17 @@ class ConcatProcess:
         output = self.inner.next(state, flats, *weights)
         result = _to_numpy(unflatten(jnp.asarray(output.result)))
         return MeasuredOutput(output.state, result, output.measurements)
+
+
+def numpy_process(factory: Any) -> Any:
+    """The numpy bridge for a fedkernels.tff factory: an object with AggregationProcess's
+    `initialize()` / `next(state, client_values, weights)` that runs the JAX kernels directly
+    on the values held in Python. Raises NotImplementedError for compositions it cannot run
+    (TFF's own factories, clipping, zeroing)."""
+    make = getattr(factory, "numpy_process", None)
+    if make is None:
+        raise NotImplementedError(
+            f"no numpy bridge for {type(factory).__name__}: only fedkernels.tff factories "
+            "(MaskedMeanFactory, concat_factory, top_k_factory, quantize_above_threshold)"
+        )
+    return make()

@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 
 import fedkernels as fk
-from fedkernels.tff import _factories
 from fedkernels.tff import _kernels as kernels
-from fedkernels.tff._factories import staged, tff
+from fedkernels.tff import _staging
+from fedkernels.tff._staging import staged, tff
+from fedkernels.tff._top_k import sparse_masked_mean_process
 
 
 def error_feedback_encoder(value_type: Any, *, k: int | None = None,
@@ -55,9 +56,9 @@ def error_feedback_encoder(value_type: Any, *, k: int | None = None,
     Invariant: `scatter(values, indices, d) + new_residual == flat + residual`.
     The computation has attributes `d` and `k`. Pass exactly one of `k` and `fraction`.
     """
-    _factories._check_fraction(k, fraction)
-    layout = _factories._Layout(value_type)
-    k = _factories._resolve_k(layout.d, k, fraction)
+    kernels.check_k(k, fraction)
+    layout = _staging._Layout(value_type)
+    k = kernels.resolve_k(layout.d, k, fraction)
 
     @tff.tensorflow.computation(value_type, layout.flat_type)
     def encode(update, residual):
@@ -88,11 +89,11 @@ class ErrorFeedbackRound:
     def __init__(self, client_update: Any, model_type: Any, data_type: Any, *,
                  k: int | None = None, fraction: float | None = None,
                  server_learning_rate: float = 1.0):
-        layout = _factories._Layout(model_type)
+        layout = _staging._Layout(model_type)
         encoder = error_feedback_encoder(model_type, k=k, fraction=fraction)
         self.d, self.k, self.dtype = layout.d, encoder.k, layout.flat_dtype
         weight_type = client_update.type_signature.result[1]
-        mean_process = _factories.sparse_masked_mean_process(
+        mean_process = sparse_masked_mean_process(
             self.d, self.k, layout.flat_dtype, weight_type
         )
         rate = float(server_learning_rate)

@@ -24,15 +24,23 @@ import jax.numpy as jnp
 from jax import lax
 
 import fedkernels as fk
-from fedkernels._pipeline.layout import top_k_size
+from fedkernels._pipeline.layout import check_top_k_arguments, top_k_size
+
+_K_NAMES = ("fraction", "k")  # the adapters' names of the core's `fraction` and `count`
 
 
-def k_from_fraction(fraction: float, d: int) -> int:
-    """The k that `fraction` of `d` coordinates means: `ceil(fraction * d)` clipped to
-    `[1, d]`, the core's one rule (`fedkernels.compressor`'s `top_k_fraction`), for
-    `top_k_factory`, `compression_aggregator`, the error-feedback encoder and the numpy
-    bridge."""
-    return top_k_size(d, fraction=fraction)
+def check_k(k: Any, fraction: Any) -> None:
+    """The k arguments of `top_k_factory`, `error_feedback_encoder` and the numpy bridge's
+    `TopKProcess`, checked when they are passed (before d is known): exactly one of `k` (an
+    int >= 1) and `fraction` (in (0, 1]), the core's `check_top_k_arguments`."""
+    check_top_k_arguments(fraction, k, names=_K_NAMES)
+
+
+def resolve_k(d: int, k: int | None, fraction: float | None) -> int:
+    """The k that `k=` or `fraction=` (exactly one) means out of `d` coordinates: `k` in
+    [1, d], or `ceil(fraction * d)` clipped to [1, d], the core's one rule (`top_k_size`, as
+    `fedkernels.compressor`'s `top_k_fraction`), with messages naming `k` and `fraction`."""
+    return top_k_size(d, fraction=fraction, count=k, names=_K_NAMES)
 
 
 def top_k_unsorted(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
