@@ -14,7 +14,9 @@ ships the computation to TFF's C++ worker, is reported separately as `first`):
                 MaskedMeanFactory(quantize_above_threshold(8, 20000)), per client-parameter,
                 and beside fedkernels' own jitted round of the same work outside TFF
                 (`compressor(bits=8).round`, on a device array and from the NumPy list)
-and, for the first three, the numpy bridge (`fedkernels.tff.*Process`, jitted JAX in-process)
+and, for each case, the same values moved into TFF's worker with nothing aggregated
+(`values into TFF only`: the floor under every factory's time in TFF's runtime), and, for
+the first three, the numpy bridge (`fedkernels.tff.*Process`, jitted JAX in-process)
 on the same values. Beside each TFF-runtime row, the numbers one client sends through
 aggregation for the case's value type, counted TFF's way (`_common.aggregated_scalar_count`,
 the count of TFF's `CompilerIntegrationTest`), against the stock factory's count (it does
@@ -107,6 +109,35 @@ def _values(clients: int, d: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.standard_normal(d, dtype=np.float32) for _ in range(clients)]
 
 
+TRANSPORT = "values into TFF only"
+
+
+def _transport_only(value_type: Any, weight_type: Any = None) -> Any:
+    """A TFF computation that takes the same CLIENTS values (and weights) as a factory's
+    `next` and only sums one coordinate per client: the cost of moving the values into TFF's
+    worker and running a federated computation over them, which no factory can go below."""
+    import tensorflow_federated as tff
+
+    @tff.tensorflow.computation(value_type)
+    def first(x):
+        return x[0]
+
+    values_type = tff.FederatedType(value_type, tff.CLIENTS)
+    if weight_type is None:
+
+        @tff.federated_computation(values_type)
+        def run(values):
+            return tff.federated_sum(tff.federated_map(first, values))
+
+        return run
+
+    @tff.federated_computation(values_type, tff.FederatedType(weight_type, tff.CLIENTS))
+    def run_weighted(values, weights):
+        return tff.federated_sum(tff.federated_map(first, values)), tff.federated_sum(weights)
+
+    return run_weighted
+
+
 def _native_rounds(values: list[np.ndarray], weights: list[float]) -> list[tuple[str, Any]]:
     """fedkernels' own jitted round (`compressor(bits=8, dense_threshold=20000).round`, the
     work of `MeanFactory(quantize_above_threshold(8, 20000))`, weighted), outside TFF, on the
@@ -161,6 +192,8 @@ def _weighted_case(
             continue
         sent[impl] = _numbers_sent(ctx, op, impl, d, process)
         impls.append((impl, lambda p=process, s=state: p.next(s, values, weights).result))
+    transport = _transport_only(value_type, weight_type)
+    impls.append((TRANSPORT, lambda: transport(values, weights)))
     if bridge is not None:
         bridge_state = bridge.initialize()
         impls.append(("numpy bridge", lambda: bridge.next(bridge_state, values, weights).result))
@@ -191,6 +224,8 @@ def _unweighted_case(
             continue
         sent[impl] = _numbers_sent(ctx, op, impl, d, process)
         impls.append((impl, lambda p=process, s=state: p.next(s, values).result))
+    transport = _transport_only(value_type)
+    impls.append((TRANSPORT, lambda: transport(values)))
     if bridge is not None:
         bridge_state = bridge.initialize()
         impls.append(("numpy bridge", lambda: bridge.next(bridge_state, values).result))
@@ -313,6 +348,9 @@ LEGEND = [
     "sent/client: numbers one client sends through aggregation for float32[d], counted TFF's "
     "way (scalars of the MapReduceForm `work` result, as TFF's CompilerIntegrationTest); "
     "x sent: / the stock factory's count",
+    f"{TRANSPORT}: a TFF computation taking the same client values (and weights) that only "
+    "sums one coordinate per client: moving the values into TFF's worker, the floor under "
+    "any factory there",
     "numpy bridge: fedkernels.tff's *Process classes, jitted JAX in this process, no TFF "
     "runtime; fedkernels round, JAX: compressor(...).round outside TFF on the same values",
     "target: the project's own goals (from its issue tracker): each staged factory (masked "
