@@ -115,6 +115,57 @@ def attempt(progress: Callable[[str], None], timed: Callable[[], dict]) -> tuple
         return {}, error
 
 
+def aggregated_scalar_count(process: Any) -> int:
+    """How many numbers one client sends through aggregation in one `process.next`, counted
+    TFF's way (its `CompilerIntegrationTest` in `learning/model_update_aggregator_test.py`):
+    the `tff.templates.AggregationProcess` `process` (weighted or not) is compiled to TFF's
+    MapReduceForm and the scalars of its `work` result (what each client hands to the
+    aggregation: sums, secure sums, and so on) are counted. The value's shape is what it was
+    created with; the number of clients does not enter. Needs tensorflow-federated (imported
+    here, lazily)."""
+    from tensorflow_federated.python.core.backends.mapreduce import form_utils
+    from tensorflow_federated.python.core.impl.federated_context import (
+        federated_computation,
+        intrinsics,
+    )
+    from tensorflow_federated.python.core.impl.types import (
+        computation_types,
+        placements,
+        type_analysis,
+    )
+    from tensorflow_federated.python.core.templates import iterative_process
+
+    # TFF's `_mrfify_aggregator`: MapReduceForm wants one CLIENTS argument and a
+    # (state, SERVER result) output.
+    if process.is_weighted:
+
+        @federated_computation.federated_computation(
+            process.next.type_signature.parameter[0],
+            computation_types.FederatedType(
+                (
+                    process.next.type_signature.parameter[1].member,
+                    process.next.type_signature.parameter[2].member,
+                ),
+                placements.CLIENTS,
+            ),
+        )
+        def next_fn(state, value):
+            output = process.next(state, value[0], value[1])
+            return output.state, intrinsics.federated_zip((output.result, output.measurements))
+
+    else:
+
+        @federated_computation.federated_computation(process.next.type_signature.parameter)
+        def next_fn(state, value):
+            output = process.next(state, value)
+            return output.state, intrinsics.federated_zip((output.result, output.measurements))
+
+    form = form_utils.get_map_reduce_form_for_computation(
+        iterative_process.IterativeProcess(process.initialize, next_fn).next
+    )
+    return type_analysis.count_tensors_in_type(form.work.type_signature.result)["parameters"]
+
+
 def available_host_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
     try:

@@ -6,6 +6,10 @@ training), client SGD. Interleaved round by round in this process, each process 
 its own state:
   stock                tff.learning.algorithms.build_weighted_fed_avg (MeanFactory), all in
                        TFF's worker
+  stock + staged ...   the same stock process with model_aggregator= a fedkernels.tff staged
+                       factory, against stock with the TFF factory it replaces:
+                       MaskedMeanFactory() vs the default MeanFactory(), compression_aggregator()
+                       vs tff.learning.compression_aggregator() (target <= 1.0x each)
   bridge, files        fedkernels.tff.build_weighted_fed_avg(): client work in TFF, updates
                        written by the worker to /dev/shm files, mean in JAX, server step in TF
   bridge, tff values   the same with update_transport="tff" (updates as CLIENTS-placed
@@ -14,8 +18,10 @@ its own state:
                        from 2C each round
   client work only     TFF's broadcast + client work, returning only the metrics and the
                        summed client weight: what any TFF round spends before aggregation
-The bridge rows also report where their time went (`BridgedFedAvgProcess.last_round_seconds`,
-medians over the timed rounds). --quick: n=300, C=10.
+The stock-process rows also report the numbers one client sends through the model aggregator
+for the model's trainable weights, counted TFF's way (`_common.aggregated_scalar_count`),
+against the replaced factory's. The bridge rows also report where their time went
+(`BridgedFedAvgProcess.last_round_seconds`, medians over the timed rounds). --quick: n=300, C=10.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import numpy as np
 from bench import _common
 
 TARGET_SPEEDUP = 2.0  # bridge round vs stock round (issue 22 item 4)
+TARGET_RATIO = 1.0  # stock round with a staged fedkernels factory vs with TFF's (issue 22 item 3)
+STOCK = "stock (MeanFactory)"
 
 
 def _model_fn(n: int):
@@ -82,7 +90,23 @@ def _client_work_only(model_fn, optimizer):
         output = client_work.next(state, tff.federated_broadcast(weights), data)
         return output.measurements, tff.federated_sum(output.result.update_weight)
 
-    return client_work.initialize(), run
+    return client_work.initialize(), run, weights_type
+
+
+def _model_aggregators():
+    """(row name, model_aggregator, baseline row name) of the stock-process rows."""
+    import tensorflow_federated as tff
+
+    import fedkernels.tff as ft
+
+    tff_compression = "stock + tff.learning.compression_aggregator()"
+    return [
+        (STOCK, tff.aggregators.MeanFactory(), STOCK),
+        ("stock + staged fedkernels.tff.MaskedMeanFactory()", ft.MaskedMeanFactory(), STOCK),
+        (tff_compression, tff.learning.compression_aggregator(), tff_compression),
+        ("stock + staged fedkernels.tff.compression_aggregator()", ft.compression_aggregator(),
+         tff_compression),
+    ]
 
 
 def run(ctx: _common.Context) -> list[dict]:
@@ -105,7 +129,19 @@ def run(ctx: _common.Context) -> list[dict]:
     case = _common.case_name("fed_avg_round", (clients, d), np.float32)
     ctx.progress(f"{case}: building processes")
 
-    stock = tff.learning.algorithms.build_weighted_fed_avg(model_fn, client_optimizer_fn=sgd())
+    work_state, work_only, weights_type = _client_work_only(model_fn, sgd())
+    stocks, baselines, sent = {}, {}, {}
+    for name, aggregator, baseline in _model_aggregators():
+        stocks[name] = tff.learning.algorithms.build_weighted_fed_avg(
+            model_fn, client_optimizer_fn=sgd(), model_aggregator=aggregator
+        )
+        baselines[name] = baseline
+        try:
+            sent[name] = _common.aggregated_scalar_count(
+                aggregator.create(weights_type.trainable, tff.TensorType(np.float32))
+            )
+        except Exception as err:  # reported, not fatal
+            ctx.progress(f"    {name}: numbers sent not counted: {type(err).__name__}: {err}"[:300])
     bridges = {
         "bridge, files": ft.build_weighted_fed_avg(model_fn, client_optimizer_fn=sgd()),
         "bridge, tff values": ft.build_weighted_fed_avg(
@@ -115,16 +151,15 @@ def run(ctx: _common.Context) -> list[dict]:
             model_fn, client_optimizer_fn=sgd(), top_k_fraction=0.01, error_feedback=True
         ),
     }
-    states = {"stock": stock.initialize()}
+    states = {name: process.initialize() for name, process in stocks.items()}
     for name, process in bridges.items():
         states[name] = process.initialize()
-    work_state, work_only = _client_work_only(model_fn, sgd())
-    work_weights = stock.get_model_weights(states["stock"])
+    work_weights = stocks[STOCK].get_model_weights(states[STOCK])
     rng = np.random.default_rng(3)
     phases: dict[str, list[dict]] = {name: [] for name in bridges}
 
-    def stock_round():
-        states["stock"] = stock.next(states["stock"], data).state
+    def stock_round(name):
+        states[name] = stocks[name].next(states[name], data).state
 
     def bridge_round(name):
         process = bridges[name]
@@ -134,22 +169,27 @@ def run(ctx: _common.Context) -> list[dict]:
         states[name] = process.next(states[name], data, client_ids=ids).state
         phases[name].append(dict(process.last_round_seconds))
 
-    impls = [("stock (MeanFactory)", stock_round)]
+    impls = [(name, lambda name=name: stock_round(name)) for name in stocks]
     impls += [(name, lambda name=name: bridge_round(name)) for name in bridges]
     impls.append(("client work only", lambda: work_only(work_state, work_weights, data)))
     try:
         timings = _common.time_interleaved(ctx.progress, case, impls, repeats)
     finally:
         _deps.stop_local_workers()
-    base = timings["stock (MeanFactory)"].get("median")
     records = []
     for impl, timing in timings.items():
+        baseline = baselines.get(impl, STOCK)
         record = {
-            "case": case, "op": "fed_avg_round", "impl": impl, "baseline": "stock (MeanFactory)",
+            "case": case, "op": "fed_avg_round", "impl": impl, "baseline": baseline,
             "clients": clients, "d": d, "size": clients * d, "dtype": "float32", **timing,
+            "numbers_sent": sent.get(impl),
         }
-        median = timing.get("median")
+        median, base = timing.get("median"), timings[baseline].get("median")
         record["ratio_vs_baseline"] = median / base if median and base else None
+        base_sent = sent.get(baseline)
+        record["numbers_sent_vs_baseline"] = (
+            sent[impl] / base_sent if sent.get(impl) and base_sent else None
+        )
         if impl in phases and phases[impl]:
             timed = phases[impl][1:]  # the first entry is the first (compiling) call
             record["phases"] = {
@@ -165,21 +205,30 @@ def _print(records: list[dict]) -> None:
     for r in records:
         ratio = r.get("ratio_vs_baseline")
         phases = r.get("phases") or {}
+        sent, sent_ratio = r.get("numbers_sent"), r.get("numbers_sent_vs_baseline")
         target = ""
         if r["impl"].startswith("bridge") and ratio:
             target = f"{1 / ratio:.2f}x faster, >= {TARGET_SPEEDUP}x: " + (
                 "met" if 1 / ratio >= TARGET_SPEEDUP else "MISSED"
             )
+        if r["impl"] != r["baseline"] and "staged" in r["impl"] and ratio:
+            fewer = "compression" in r["impl"]  # compressing: fewer; a mean: no more
+            sent_ok = sent_ratio is not None and (sent_ratio < 1 if fewer else sent_ratio <= 1)
+            target = (f"time <= {TARGET_RATIO}x: " + ("met" if ratio <= TARGET_RATIO else "MISSED")
+                      + f"; sent {'<' if fewer else '<='} tff: " + ("met" if sent_ok else "MISSED"))
         rows.append([
             r["impl"],
+            r["baseline"] if r["impl"] != r["baseline"] else "",
             "-" if r.get("median") is None else f"{1e3 * r['median']:.0f}",
             "-" if ratio is None else f"{ratio:.2f}",
+            "-" if sent is None else f"{sent:,}",
+            "-" if sent_ratio is None else f"{sent_ratio:.3f}",
             *(f"{1e3 * phases[k]:.0f}" if k in phases else "-" for k in (
                 "tff_computation", "read_updates", "aggregation", "server_update")),
             target or (r.get("error") or "")[:40],
         ])
-    header = ["impl", "median ms", "x stock", "tff comp ms", "read ms", "aggregate ms",
-              "server ms", "target"]
+    header = ["impl", "baseline", "median ms", "x baseline", "sent/client", "x sent",
+              "tff comp ms", "read ms", "aggregate ms", "server ms", "target"]
     print(f"case {records[0]['case']} (median of {records[0].get('repeats')} interleaved rounds)")
     print(_common.format_table(rows, header), flush=True)
     sys.stdout.flush()

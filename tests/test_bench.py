@@ -208,6 +208,40 @@ def test_pipeline_and_tff_tables_print_their_legends(tmp_path, capsys):
     assert "legend:" in out and "x baseline" in out and "project's own goals" in out
 
 
+def test_tff_tables_say_which_time_and_numbers_sent_targets_are_met(capsys):
+    from bench import suite_tff, suite_tff_learning
+
+    def row(op, impl, ratio, sent, sent_ratio):
+        return {"case": f"{op}_5x100_float32", "op": op, "impl": impl, "baseline": "tff.X",
+                "median": 0.1, "first": 1.0, "ns_per_client_parameter": 2.0,
+                "ratio_vs_baseline": ratio, "numbers_sent": sent,
+                "numbers_sent_vs_baseline": sent_ratio}
+
+    # A compressing factory must send fewer numbers than TFF's, a mean no more.
+    assert suite_tff._target(row("quantize", "fedkernels.tff", 1.1, 25002, 0.875)) == (
+        "time <= 1.0x: MISSED; sent < tff: met")
+    assert suite_tff._target(row("compression", "fedkernels.tff", 0.9, 28581, 1.0)) == (
+        "time <= 1.0x: met; sent < tff: MISSED")
+    assert suite_tff._target(row("masked_mean", "fedkernels.tff", 1.0, 101, 1.0)) == (
+        "time <= 1.0x: met; sent <= tff: met")
+    assert suite_tff._target(row("masked_mean", "tff.X", 1.0, 101, 1.0)) == ""
+    suite_tff._print([row("quantize", "tff.X", 1.0, 28574, 1.0),
+                      row("quantize", "fedkernels.tff", 1.1, 25002, 0.875)])
+    out = capsys.readouterr().out
+    assert "sent/client" in out and "28,574" in out and "0.875" in out
+    stock, staged = "stock (MeanFactory)", "stock + staged fedkernels.tff.compression_aggregator()"
+    suite_tff_learning._print([
+        {"case": "fed_avg_round_4x20_float32", "impl": stock, "baseline": stock,
+         "median": 1.0, "ratio_vs_baseline": 1.0, "numbers_sent": 21,
+         "numbers_sent_vs_baseline": 1.0},
+        {"case": "fed_avg_round_4x20_float32", "impl": staged, "baseline": stock,
+         "median": 1.2, "ratio_vs_baseline": 1.2, "numbers_sent": 7,
+         "numbers_sent_vs_baseline": 0.333},
+    ])
+    out = capsys.readouterr().out
+    assert "time <= 1.0x: MISSED; sent < tff: met" in out and "0.333" in out
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -22,16 +22,15 @@ pytest.importorskip(
 import numpy as np
 from absl.testing import parameterized
 from tensorflow_federated.python.aggregators import factory
-from tensorflow_federated.python.core.backends.mapreduce import form_utils
-from tensorflow_federated.python.core.impl.federated_context import (
-  federated_computation,
-  intrinsics,
-)
-from tensorflow_federated.python.core.impl.types import computation_types, placements, type_analysis
-from tensorflow_federated.python.core.templates import aggregation_process, iterative_process
+from tensorflow_federated.python.core.impl.types import computation_types
+from tensorflow_federated.python.core.templates import aggregation_process
 from tensorflow_federated.python.learning import debug_measurements
 
 import fedkernels.tff as ft  # noqa: E402
+
+# TFF's count (the test's `_mrfify_aggregator` + MapReduceForm `work` scalars), shared with
+# the tff bench suite, which reports it per factory.
+from bench._common import aggregated_scalar_count as _aggregated_scalar_count  # noqa: E402
 from tests._tff_conformance import tff, tff_test_context  # noqa: F401
 
 
@@ -157,12 +156,6 @@ class ModelUpdateAggregatorTest(parameterized.TestCase):
       )
 
 
-def _aggregated_scalar_count(aggregator):
-  aggregator = _mrfify_aggregator(aggregator)
-  mrf = form_utils.get_map_reduce_form_for_computation(aggregator.next)
-  return type_analysis.count_tensors_in_type(mrf.work.type_signature.result)['parameters']
-
-
 class CompilerIntegrationTest(parameterized.TestCase):
   """Integration tests making sure compiler does not end up confused.
 
@@ -202,38 +195,3 @@ class CompilerIntegrationTest(parameterized.TestCase):
     process = (aggregator.create(_FLOAT_MATRIX_TYPE, _FLOAT_TYPE)
                if kwargs.get('weighted', True) else aggregator.create(_FLOAT_MATRIX_TYPE))
     self._check_aggregated_scalar_count(process, 60000 * 0.3)
-
-
-def _mrfify_aggregator(aggregator):
-  """Makes aggregator compatible with MapReduceForm."""
-
-  if aggregator.is_weighted:
-
-    @federated_computation.federated_computation(
-        aggregator.next.type_signature.parameter[0],
-        computation_types.FederatedType(
-            (
-                aggregator.next.type_signature.parameter[1].member,
-                aggregator.next.type_signature.parameter[2].member,
-            ),
-            placements.CLIENTS,
-        ),
-    )
-    def next_fn(state, value):
-      output = aggregator.next(state, value[0], value[1])
-      return output.state, intrinsics.federated_zip(
-          (output.result, output.measurements)
-      )
-
-  else:
-
-    @federated_computation.federated_computation(
-        aggregator.next.type_signature.parameter
-    )
-    def next_fn(state, value):
-      output = aggregator.next(state, value)
-      return output.state, intrinsics.federated_zip(
-          (output.result, output.measurements)
-      )
-
-  return iterative_process.IterativeProcess(aggregator.initialize, next_fn)
