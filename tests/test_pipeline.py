@@ -20,6 +20,7 @@ import fedkernels as fk
 from fedkernels import _radix
 from fedkernels._pipeline.encode import row_norms
 from tests import _reference as ref
+from tests import _variants as variants
 
 # Template: a 40x30 weight (1200 > threshold: sparse segment) and a 30-bias (dense segment).
 TEMPLATE = {"b": jnp.zeros((30,)), "w": jnp.zeros((40, 30))}
@@ -47,7 +48,7 @@ def selection(request):
     return _selection(request.param)
 
 
-@pytest.fixture(params=["lax", "radix", "radix-vmap"])
+@pytest.fixture(params=["lax", "radix", variants.variant("vmap", "radix-vmap", id="radix-vmap")])
 def any_selection(request):
     """As `selection`, plus radix select with the rows batched by vmap (the GPU/TPU path)."""
     return _selection(request.param)
@@ -191,7 +192,8 @@ CONSERVATION_OPTIONS = {
 @pytest.mark.parametrize(
     "options, any_selection",
     [
-        pytest.param(options, selection, id=f"{name}-{selection}")
+        pytest.param(options, selection, id=f"{name}-{selection}",
+                     marks=variants.marks("vmap" if selection == "radix-vmap" else selection))
         for name, options in CONSERVATION_OPTIONS.items()
         # Without top_k nothing is selected: the three selections would compile one program.
         for selection in (

@@ -293,8 +293,14 @@ def test_decodes_finite_flags_the_rows_weighted_code_sum_cannot_decode():
     assert np.all(np.isfinite(np.asarray(fk.dequantize(q))))
 
 
-@pytest.mark.parametrize("bits", [1, 3, 4, 8, 11, 16])
-@pytest.mark.parametrize("c", [0, 3, 23])
+# Every width with a few clients; the empty cohort once; many clients with widths of both
+# packing paths (1 and 16 divide 32, 11 does not).
+_CODE_SUM_CASES = [(8, 0)] + [(bits, 3) for bits in (1, 3, 4, 8, 11, 16)] + [
+    (bits, 23) for bits in (1, 11, 16)
+]
+
+
+@pytest.mark.parametrize("bits,c", _CODE_SUM_CASES)
 def test_weighted_code_sum_equals_float64_reference(bits, c):
     from fedkernels import _quantize
 
