@@ -13,7 +13,6 @@ uv, then lets uv build the environments:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -97,69 +96,66 @@ def run(args: list[str]) -> None:
 # On the newest jax (0.10.2), XLA:CPU segfaults while compiling one of
 # tests/test_quantize.py's programs when that file runs after the rest of the suite in one
 # process (reproducible; the file passes alone and after test_host or test_fedsim). Until
-# that is narrowed down, the newest stack runs it in a process of its own.
+# that is narrowed down, the newest stack runs it in a pytest process of its own, beside the
+# others.
 OWN_PROCESS = ["tests/test_quantize.py"]
 
-# Runs pytest commands one after the other; exits with the first non-zero code.
-_CHAIN = (
-    "import json, subprocess, sys; "
-    "codes = [subprocess.call(c) for c in json.loads(sys.argv[1])]; "
-    "sys.exit(next((c for c in codes if c), 0))"
-)
+
+def test_env() -> dict[str, str]:
+    """The tests' environment: XLA compiles without its LLVM backend optimizations (the same
+    HLO programs, after XLA's own passes, compiled in about three quarters of the CPU time;
+    most of the suite's time is compilation). Plain `pytest`, the bench and the main job
+    compile as users do; set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test that way here."""
+    env = base_env()
+    env.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    return env
 
 
-def start_pytest(
-    python: Path, args: list[str], log_file, own_process: list[str] = ()
-) -> subprocess.Popen:
-    """pytest in the background, its output into `log_file` (printed when it is done).
-    `own_process`: test files run in a second pytest process after the first, unless `args`
-    name tests themselves."""
+def start_pytest(python: Path, args: list[str], log_file) -> subprocess.Popen:
+    """pytest in the background, its output into `log_file` (printed when it is done)."""
     cmd = [str(python), "-m", "pytest", *args]
-    if own_process and all(a.startswith("-") for a in args):
-        first = cmd + [f"--ignore={path}" for path in own_process]
-        commands = [first, cmd + list(own_process)]
-        cmd = [str(python), "-c", _CHAIN, json.dumps(commands)]
-        log("$ " + " ; ".join(" ".join(c) for c in commands)
-            + f"  (output: {log_file.name}, shown when done)")
-    else:
-        log("$ " + " ".join(cmd) + f"  (output: {log_file.name}, shown when done)")
-    return subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=log_file,
+    log("$ " + " ".join(cmd) + f"  (output: {log_file.name}, shown when done)")
+    return subprocess.Popen(cmd, cwd=ROOT, env=test_env(), stdout=log_file,
                             stderr=subprocess.STDOUT)
 
 
 def test(args: list[str]) -> None:
-    """Lint, then pytest on both stacks at once, each in its own process.
+    """Lint, then pytest on both stacks at once, in processes of their own.
 
-    The two runs overlap (and the newest stack is set up while the locked one already runs):
-    on a 2-core machine two pytest processes finish sooner than one after the other, since
-    much of each run is single-threaded XLA compilation. Each stack's output is kept apart
-    and printed in order; a failure of either fails the command.
+    The runs overlap (and the newest stack is set up while the locked one already runs): on
+    a 2-core machine they finish sooner than one after the other, since much of each run is
+    single-threaded XLA compilation. Each run's output is kept apart and printed in order; a
+    failure of any fails the command.
     """
     import tempfile
 
     python = locked_python()
     call([python, "-m", "ruff", "check", "."])
-    stacks = [
-        ("stack 1/2: locked TFF stack (Python 3.11, TFF 0.87, jax 0.4.30): all tests", python),
-        ("stack 2/2: newest jax, numpy 2, no TensorFlow: core tests, TFF tests skipped", None),
-    ]
+    stack1 = "stack 1/2: locked TFF stack (Python 3.11, TFF 0.87, jax 0.4.30): all tests"
+    stack2 = "stack 2/2: newest jax, numpy 2, no TensorFlow: core tests, TFF tests skipped"
     runs: list[tuple[str, subprocess.Popen, object, float]] = []
+
+    def start(title: str, stack_python: Path, pytest_args: list[str]) -> None:
+        log_file = tempfile.NamedTemporaryFile("w+b", prefix="fedkernels-pytest-", suffix=".log")
+        runs.append((title, start_pytest(stack_python, pytest_args, log_file), log_file,
+                     time.perf_counter()))
+
     try:
-        for title, stack_python in stacks:
-            log(title)
-            if stack_python is None:
-                stack_python = latest_python()
-            versions(stack_python)
-            log_file = tempfile.NamedTemporaryFile(
-                "w+b", prefix="fedkernels-pytest-", suffix=".log"
-            )
-            own_process = OWN_PROCESS if title.startswith("stack 2/2") else []
-            runs.append((title, start_pytest(stack_python, args, log_file, own_process),
-                         log_file, time.perf_counter()))
+        log(stack1)
+        versions(python)
+        start(stack1, python, args)
+        log(stack2)
+        latest = latest_python()
+        versions(latest)
+        if all(a.startswith("-") for a in args):  # the whole suite: OWN_PROCESS apart
+            start(stack2, latest, args + [f"--ignore={path}" for path in OWN_PROCESS])
+            start(f"{stack2} ({' '.join(OWN_PROCESS)})", latest, args + OWN_PROCESS)
+        else:
+            start(stack2, latest, args)
         failed = []
-        for title, proc, log_file, start in runs:
+        for title, proc, log_file, started in runs:
             code = proc.wait()
-            log(f"{title}: pytest exited {code} after {time.perf_counter() - start:.0f} s")
+            log(f"{title}: pytest exited {code} after {time.perf_counter() - started:.0f} s")
             log_file.seek(0)
             sys.stdout.flush()
             output = log_file.read()
