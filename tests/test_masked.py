@@ -137,10 +137,16 @@ def _with_non_finite(rng, shape):
 
 # C around the rows-per-step (1, 9, 10, 23), d below, at and above the block, with and without a
 # divisor of d near the block (8193 and 8209 leave a tail block; 15000 splits into 2 x 7500).
-@pytest.mark.parametrize("run", RUNNERS.values(), ids=RUNNERS.keys())
+# Under jit for every shape; eagerly (op by op, a compilation per shape) for one shape per
+# path: a tail block, short rows, a single client.
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize(
-    "shape", [(1, 8193), (9, 8209), (10, 15000), (23, 8192), (23, 3, 5), (2, 1), (11,)]
+    "shape, run",
+    [
+        pytest.param(shape, RUNNERS[mode], id=f"{mode}-{'x'.join(map(str, shape))}")
+        for shape in [(1, 8193), (9, 8209), (10, 15000), (23, 8192), (23, 3, 5), (2, 1), (11,)]
+        for mode in (["jit", "eager"] if shape in [(9, 8209), (23, 3, 5), (11,)] else ["jit"])
+    ],
 )
 def test_blocked_sums_equal_client_order_float32_accumulation(run, weighted, shape):
     rng = np.random.default_rng(sum(shape) + weighted)
