@@ -108,6 +108,7 @@ def test_env() -> dict[str, str]:
     compile as users do; set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test that way here."""
     env = base_env()
     env.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    env.setdefault("FEDKERNELS_TEST_FAST_EXIT", "1")  # see conftest.py
     return env
 
 
