@@ -2,6 +2,8 @@
 
 import importlib.util
 
+import pytest
+
 collect_ignore_glob = []
 if importlib.util.find_spec("tensorflow_federated") is None:
     # fedkernels.tff needs the `tff` extra; its tests skip with a reason (tests/test_tff*.py).
@@ -17,9 +19,6 @@ _EXIT_STATUS: list[int] = []
 
 def pytest_sessionfinish(session, exitstatus):
     _EXIT_STATUS.append(int(exitstatus))
-
-
-import pytest  # noqa: E402
 
 
 @pytest.hookimpl(trylast=True)

@@ -5,17 +5,17 @@ cumsum="matmul" on the CPU runtime of jaxlib < 0.4.32 (the locked TFF stack), cu
 elsewhere. GPU/TPU machines run the newest jax (the second stack of `python3 dev.py test`),
 so the batched rows and the scan prefix sum are tested there, the matmul prefix sum on the
 locked stack, and rows="map" (every CPU's default) on both. A test parametrized with
-`rows(...)` or `cumsum(...)` shows the skipped variant with the reason on the other stack.
+`variants(...)` shows the skipped variant with the reason on the other stack.
 """
 
 from __future__ import annotations
 
-import re
-
-import jax
 import pytest
 
-OLD_CPU_RUNTIME = tuple(int(p) for p in re.findall(r"\d+", jax.__version__)[:3]) < (0, 4, 32)
+from fedkernels import _radix
+
+# The library's own rule decides which stack this is (its CPU default on this jax).
+OLD_CPU_RUNTIME = _radix.for_backend("cpu").cumsum == "matmul"
 
 _SKIPS = {
     "vmap": (OLD_CPU_RUNTIME, "rows='vmap' (the GPU/TPU default) is tested on the newest-jax "
@@ -38,11 +38,6 @@ def variant(name: str, *values: object, id: str | None = None) -> object:
     return pytest.param(*(values or (name,)), id=id, marks=marks(name))
 
 
-def rows(*names: str) -> list:
-    """Parameters for a `rows` argument ("map", "vmap")."""
-    return [variant(name) for name in names]
-
-
-def cumsum(*names: str) -> list:
-    """Parameters for a cumsum `mode` argument ("matmul", "scan")."""
+def variants(*names: str) -> list:
+    """Parameters for a `rows` ("map", "vmap") or cumsum `mode` ("matmul", "scan") argument."""
     return [variant(name) for name in names]

@@ -113,14 +113,14 @@ def test_radix_top_k_sampled_rows_equal_reference(kind, k):
     _check_top_k(_rows(kind, (200_003,)), k)
 
 
-@pytest.mark.parametrize("rows", variants.rows("map", "vmap"))
+@pytest.mark.parametrize("rows", variants.variants("map", "vmap"))
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "all_equal"])
 def test_radix_top_k_batched_rows_equal_reference(kind, rows):
     _check_top_k(_rows(kind, (3, 2, 70_001)), 500, config=ROWS[rows])
     _check_top_k(_rows(kind, (4, 50)), 10, jit=kind != "normal", config=ROWS[rows])
 
 
-@pytest.mark.parametrize("rows", variants.rows("map", "vmap"))
+@pytest.mark.parametrize("rows", variants.variants("map", "vmap"))
 def test_radix_batch_mixing_trial_and_fallback_rows(rows):
     # Rows whose sample trial succeeds beside rows that need the fallback bisection (heavy
     # ties): batched, the fallback is taken for the whole batch or per row, never skipped.
@@ -164,7 +164,7 @@ def test_radix_equals_lax_method(kind):
     assert "auto" in fk._topk.METHODS and "radix" in fk._topk.METHODS
 
 
-@pytest.mark.parametrize("rows", variants.rows("map", "vmap"))
+@pytest.mark.parametrize("rows", variants.variants("map", "vmap"))
 @pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite", "few_values"])
 def test_radix_feedback_matches_lax_and_conserves(kind, rows):
     # CPU default: map; GPU/TPU default: vmap. The radix path zeroes the selection through
@@ -217,7 +217,7 @@ def test_kth_largest_bisection_fallback_is_exact(kind, capacity):
         np.testing.assert_array_equal(np.asarray(idx), ref.top_k(x, k)[1])
 
 
-@pytest.mark.parametrize("mode", variants.cumsum("matmul", "scan"))
+@pytest.mark.parametrize("mode", variants.variants("matmul", "scan"))
 def test_cumsum_modes_equal_numpy_including_total_bound(mode):
     config = CUMSUM[mode]
     for n, max_value in [(1, 32), (31, 32), (33, 1), (70_001, 32), (300_000, 1)]:
@@ -249,7 +249,7 @@ def test_radix_config_for_backend_is_explicit_and_validated(backend):
         _radix.RadixConfig(min_length=0)
 
 
-@pytest.mark.parametrize("mode", variants.cumsum("matmul", "scan"))
+@pytest.mark.parametrize("mode", variants.variants("matmul", "scan"))
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 1.0])
 @pytest.mark.parametrize("n", [1, 33, 70_000])
 def test_pack_compact_first_bits_match_numpy(n, density, mode):
@@ -279,7 +279,7 @@ def test_pack_compact_first_bits_match_numpy(n, density, mode):
         np.testing.assert_array_equal(np.flatnonzero(bits.reshape(-1)), where[:m])
 
 
-@pytest.mark.parametrize("mode", variants.cumsum("matmul", "scan"))
+@pytest.mark.parametrize("mode", variants.variants("matmul", "scan"))
 def test_compact_runs_of_full_and_empty_words(mode):
     # `_compact` counts bits per group of 4 words (bytes of one uint32): runs of set bits
     # give groups of 128 (the largest byte value), empty groups, and partial words between.
