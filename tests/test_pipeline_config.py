@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import fedkernels as fk
-from fedkernels._pipeline.layout import check_top_k_arguments, payload_bytes, top_k_size
+from fedkernels._pipeline.config import check_top_k_arguments
+from fedkernels._pipeline.layout import payload_bytes, top_k_size
 
 # A 784-64-10 MLP: leaves of 50176, 64, 640 and 10 parameters (50,890 in all).
 MLP = {
@@ -75,6 +76,10 @@ def test_top_k_arguments_are_checked_before_d_with_the_callers_names():
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0.0"):
         check_top_k_arguments(0.0, None, names=names)
     check_top_k_arguments(np.float32(0.5), None, names=names)  # valid: returns None
+    # The compressor's form: no top-k at all is fine, both is not.
+    check_top_k_arguments(None, None, names=names, required=False)
+    with pytest.raises(ValueError, match="at most one of fraction and k, got fraction=0.5 and k=3"):
+        check_top_k_arguments(0.5, 3, names=names, required=False)
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\], got 11"):
         top_k_size(10, count=11, names=names)
 

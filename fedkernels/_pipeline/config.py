@@ -30,6 +30,46 @@ MIN_COMPRESSED_FRACTION = 0.9
 FLAT_INDEX_LIMIT = 2**31 - 1
 
 
+def check_top_k_arguments(
+    fraction: Any,
+    count: Any,
+    *,
+    names: tuple[str, str] = ("fraction", "count"),
+    required: bool = True,
+) -> None:
+    """The checks of the k arguments that need no `d` (`top_k_size` adds those that do), for
+    `CompressorConfig` (`names=("top_k_fraction", "top_k_count")`, `required=False`: no top-k
+    is fine) and `fedkernels.tff`'s `top_k_factory` (`names=("fraction", "k")`): one of
+    `fraction` and `count` given (at most one if not `required`), `fraction` a real number in
+    (0, 1], `count` an int >= 1. `names` are the caller's names of the two, for the messages.
+
+    Raises:
+      ValueError: both given, or neither when `required`; `fraction` outside (0, 1]; `count`
+        < 1.
+      TypeError: `count` not an int, `fraction` not a real number.
+
+    >>> check_top_k_arguments(None, 0, names=("fraction", "k"))
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be >= 1, got 0
+    """
+    fraction_name, count_name = names
+    if (fraction is not None and count is not None) or (
+        required and fraction is None and count is None
+    ):
+        raise ValueError(
+            f"pass {'exactly' if required else 'at most'} one of {fraction_name} and "
+            f"{count_name}, got {fraction_name}={fraction!r} and {count_name}={count!r}"
+        )
+    if count is not None:
+        _validate.static_int(count_name, count, 1)
+    elif fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise TypeError(f"{fraction_name} must be a float in (0, 1], got {fraction!r}")
+        if not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"{fraction_name} must be in (0, 1], got {float(fraction)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompressorConfig:
     """Validated, hashable compressor settings (see `fedkernels.compressor` for their meaning).
@@ -57,16 +97,10 @@ class CompressorConfig:
             object.__setattr__(self, name, value)
 
         fraction, count = self.top_k_fraction, self.top_k_count
-        if fraction is not None and count is not None:
-            raise ValueError(
-                "pass at most one of top_k_fraction and top_k_count, got "
-                f"top_k_fraction={fraction!r} and top_k_count={count!r}"
-            )
+        check_top_k_arguments(
+            fraction, count, names=("top_k_fraction", "top_k_count"), required=False
+        )
         if fraction is not None:
-            if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-                raise TypeError(f"top_k_fraction must be a float in (0, 1], got {fraction!r}")
-            if not (0.0 < float(fraction) <= 1.0):
-                raise ValueError(f"top_k_fraction must be in (0, 1], got {float(fraction)}")
             put("top_k_fraction", float(fraction))
         if count is not None:
             put("top_k_count", _validate.static_int("top_k_count", count, 1))

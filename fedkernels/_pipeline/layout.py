@@ -21,44 +21,16 @@ import numpy as np
 
 from fedkernels import _validate
 from fedkernels._flatten import Unflatten
-from fedkernels._pipeline.config import MIN_COMPRESSED_FRACTION, CompressorConfig
+from fedkernels._pipeline.config import (
+    MIN_COMPRESSED_FRACTION,
+    CompressorConfig,
+    check_top_k_arguments,
+)
 from fedkernels._quantize import packed_words
 
 FLOAT32_BYTES = 4
 WORD_BYTES = 4  # packed indices and codes travel in uint32 words
 SELECTORS = ("none", "top_k", "random_k")
-
-
-def check_top_k_arguments(
-    fraction: Any, count: Any, *, names: tuple[str, str] = ("fraction", "count")
-) -> None:
-    """The checks of `top_k_size` that need no `d`, for a caller that takes the k arguments
-    before it knows the model (`fedkernels.tff`'s `top_k_factory`, with `names=("fraction",
-    "k")`): exactly one of `fraction` and `count` given, `fraction` a real number in (0, 1],
-    `count` an int >= 1. `names` are the caller's names of the two arguments, for the messages.
-
-    Raises:
-      ValueError: both or neither given, `fraction` outside (0, 1], `count` < 1.
-      TypeError: `count` not an int, `fraction` not a real number.
-
-    >>> check_top_k_arguments(None, 0, names=("fraction", "k"))
-    Traceback (most recent call last):
-    ...
-    ValueError: k must be >= 1, got 0
-    """
-    fraction_name, count_name = names
-    if (fraction is None) == (count is None):
-        raise ValueError(
-            f"pass exactly one of {fraction_name} and {count_name}, got "
-            f"{fraction_name}={fraction!r}, {count_name}={count!r}"
-        )
-    if count is not None:
-        _validate.static_int(count_name, count, 1)
-        return
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating):
-        raise TypeError(f"{fraction_name} must be a float in (0, 1], got {fraction!r}")
-    if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"{fraction_name} must be in (0, 1], got {float(fraction)}")
 
 
 def top_k_size(

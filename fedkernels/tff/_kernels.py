@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 
 import fedkernels as fk
-from fedkernels._pipeline.layout import check_top_k_arguments, top_k_size
+from fedkernels._pipeline.config import check_top_k_arguments
+from fedkernels._pipeline.layout import top_k_size
 
 _K_NAMES = ("fraction", "k")  # the adapters' names of the core's `fraction` and `count`
 
