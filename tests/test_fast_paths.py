@@ -217,12 +217,16 @@ def test_kth_largest_bisection_fallback_is_exact(kind, capacity):
         np.testing.assert_array_equal(np.asarray(idx), ref.top_k(x, k)[1])
 
 
+def _jitted_cumsum(config, max_value, total=None):
+    return jax.jit(lambda v: _radix._cumsum(v, config, max_value, total))
+
+
 @pytest.mark.parametrize("mode", variants.variants("matmul", "scan"))
 def test_cumsum_modes_equal_numpy_including_total_bound(mode):
     config = CUMSUM[mode]
     for n, max_value in [(1, 32), (31, 32), (33, 1), (70_001, 32), (300_000, 1)]:
         v = RNG.integers(0, max_value + 1, n).astype(np.int32)
-        got = _radix._cumsum(jnp.asarray(v), config, max_value)
+        got = _jitted_cumsum(config, max_value)(jnp.asarray(v))
         np.testing.assert_array_equal(np.asarray(got), np.cumsum(v))
     # Large entries with a small total (the slot marks of `_compact`): the matmul levels must
     # stay exact, since every partial sum is below 2**24.
@@ -230,7 +234,7 @@ def test_cumsum_modes_equal_numpy_including_total_bound(mode):
     v = np.zeros(n, np.int32)
     v[RNG.choice(n, 5000, replace=False)] = RNG.integers(1, 3000, 5000)
     v[-1] = 2**24 - 1 - int(v[:-1].sum())  # partial sums up to 2**24 - 1
-    got = _radix._cumsum(jnp.asarray(v), config, 2**24, total=2**24 - 1)
+    got = _jitted_cumsum(config, 2**24, 2**24 - 1)(jnp.asarray(v))
     np.testing.assert_array_equal(np.asarray(got), np.cumsum(v))
 
 
@@ -247,6 +251,16 @@ def test_radix_config_for_backend_is_explicit_and_validated(backend):
         _radix.RadixConfig(cumsum="fft")
     with pytest.raises(ValueError, match="min_length.*0"):
         _radix.RadixConfig(min_length=0)
+
+
+@functools.cache
+def _jitted_compact(size, config):
+    return jax.jit(lambda words: _radix._compact(words, size, config))
+
+
+@functools.cache
+def _jitted_first_bits(config):
+    return jax.jit(lambda words, m: _radix._first_bits(words, m, config))
 
 
 @pytest.mark.parametrize("mode", variants.variants("matmul", "scan"))
@@ -269,12 +283,12 @@ def test_pack_compact_first_bits_match_numpy(n, density, mode):
     # 1 and n // 100 + 1 below and n // 3 + 1 and n above or below the count of set bits, by
     # density; both of `_compact`'s slot searches (binary search, marks) are taken.
     for size in sorted({1, n // 100 + 1, n // 3 + 1, n}):
-        got = np.asarray(_radix._compact(words, size, config))
+        got = np.asarray(_jitted_compact(size, config)(words))
         take = min(size, len(where))
         np.testing.assert_array_equal(got[:take], where[:take])
         assert np.all((got >= 0) & (got < len(words) * 32))
     for m in {0, 1, len(where) // 2, len(where)}:
-        kept = _radix._first_bits(words, jnp.int32(m), config)
+        kept = _jitted_first_bits(config)(words, jnp.int32(m))
         bits = (np.asarray(kept)[:, None] >> np.arange(32, dtype=np.uint32)) & 1
         np.testing.assert_array_equal(np.flatnonzero(bits.reshape(-1)), where[:m])
 
@@ -290,20 +304,19 @@ def test_compact_runs_of_full_and_empty_words(mode):
     where = np.flatnonzero(mask)
     words = _radix._pack(jnp.asarray(mask))
     for size in (1, 100, len(where) - 1, len(where)):
-        got = _radix._compact(words, size, config)
+        got = _jitted_compact(size, config)(words)
         np.testing.assert_array_equal(np.asarray(got), where[:size])
 
 
 def test_select_bit_every_rank():
-    words = jnp.asarray(RNG.integers(0, 2**32, 500, dtype=np.uint64).astype(np.uint32))
-    words = words.at[0].set(jnp.uint32(0xFFFFFFFF)).at[1].set(jnp.uint32(0x80000001))
-    host = np.asarray(words)
-    for w_index in range(len(host)):
-        positions = np.flatnonzero((host[w_index] >> np.arange(32, dtype=np.uint32)) & 1)
-        got = _radix._select_bit(
-            jnp.full(len(positions), words[w_index]), jnp.arange(len(positions))
-        )
-        np.testing.assert_array_equal(np.asarray(got), positions)
+    words = RNG.integers(0, 2**32, 500, dtype=np.uint64).astype(np.uint32)
+    words[0], words[1] = 0xFFFFFFFF, 0x80000001
+    bits = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    # One entry per set bit of every word: (the word, the bit's rank in it, its position).
+    word_of, position = np.nonzero(bits)
+    rank = np.cumsum(bits, axis=1)[word_of, position] - 1
+    got = _radix._select_bit(jnp.asarray(words[word_of]), jnp.asarray(rank))
+    np.testing.assert_array_equal(np.asarray(got), position)
 
 
 # ---------------------------------------------------------------- masked_mean (scan over rows)

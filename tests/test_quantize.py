@@ -308,19 +308,21 @@ def test_weighted_code_sum_equals_float64_reference(bits, c):
     rng = np.random.default_rng(bits * 100 + c)
     n = 1000 + bits  # not a multiple of 32
     x = (rng.normal(size=(c, n)) * rng.uniform(0.1, 10, size=(c, 1))).astype(np.float32)
-    q = fk.quantize(jnp.asarray(x), jax.random.PRNGKey(bits), bits=bits)
+    # Under jit: eagerly, each of quantize's ops would compile for each new shape.
+    q = jax.jit(fk.quantize, static_argnums=2)(jnp.asarray(x), jax.random.PRNGKey(bits), bits)
     weights = rng.uniform(0.0, 2.0, size=c).astype(np.float32)
     if c:
         weights[0] = 0.0  # a zero weight adds nothing
     got = jax.jit(_quantize.weighted_code_sum)(q, jnp.asarray(weights))
-    decoded = np.asarray(fk.dequantize(q), np.float64)
+    decoded = np.asarray(jax.jit(fk.dequantize)(q), np.float64)
     want = weights.astype(np.float64) @ decoded if c else np.zeros(n)
     assert got.shape == (n,) and got.dtype == jnp.float32
     scale = np.abs(decoded).max() * max(weights.sum(), 1) if c else 1.0
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-6 * scale)
     # Integer coefficients: the exact integer code sum (the shared-range server).
     include = (np.arange(c) % 3 != 1).astype(np.int32)
-    codes = np.asarray(fk.unpack_bits(q.packed, bits, n), np.int64)
+    codes = np.asarray(jax.jit(fk.unpack_bits, static_argnums=(1, 2))(q.packed, bits, n),
+                       np.int64)
     got_int = jax.jit(_quantize.code_row_sum, static_argnums=(1, 2))(
         q.packed, bits, n, jnp.asarray(include))
     assert got_int.dtype == jnp.int32

@@ -79,6 +79,60 @@ def _sparse_mean_computations(d: int, k: int, value_dtype: Any, weight_type: Any
     )
 
 
+def _sparse_mean_process(
+    d: int,
+    k: int,
+    value_dtype: Any,
+    weight_type: Any,
+    client_type: Any,
+    encode_fn: Any,
+    unflatten: Any = None,
+    static_measurements: Any = None,
+) -> Any:
+    """The AggregationProcess of sparse masked averaging: each client's `(client value,
+    weight)` goes through `encode_fn` to `(values float[k], indices int32[k], weight)`, the
+    server scatter-adds them (`_sparse_mean_computations`) and returns the masked weighted
+    mean, `unflatten`ed if given. Measurements: `static_measurements()` (server values) if
+    given, then `invalid_weights` and `contributors`. State: `()`."""
+    pieces = _sparse_mean_computations(d, k, value_dtype, weight_type)
+
+    @tff.tensorflow.computation(pieces["accumulator_type"])
+    def finish(acc):
+        def fn(acc):
+            mean = kernels.divide_no_nan(acc["numerator"], acc["denominator"]).astype(value_dtype)
+            summary = kernels.contributor_summary(acc["contributions"], acc["denominator"])
+            return (mean if unflatten is None else unflatten(mean)), summary, acc[
+                "invalid_weights"
+            ]
+
+        return staged(fn)(acc)
+
+    @tff.federated_computation()
+    def init_fn():
+        return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(
+        init_fn.type_signature.result,
+        tff.FederatedType(client_type, tff.CLIENTS),
+        tff.FederatedType(weight_type, tff.CLIENTS),
+    )
+    def next_fn(state, value, weight):
+        encoded = tff.federated_map(encode_fn, (value, weight))
+        acc = tff.federated_aggregate(
+            encoded, pieces["zero_fn"](), pieces["accumulate_fn"], pieces["merge_fn"],
+            pieces["report_fn"],
+        )
+        mean, contributors, invalid = tff.federated_map(finish, acc)
+        measurements = (
+            collections.OrderedDict() if static_measurements is None else static_measurements()
+        )
+        measurements["invalid_weights"] = invalid
+        measurements["contributors"] = contributors
+        return tff.templates.MeasuredProcessOutput(state, mean, tff.federated_zip(measurements))
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
 def sparse_masked_mean_process(d: int, k: int, value_dtype: Any = np.float32,
                                weight_type: Any = None) -> Any:
     """An AggregationProcess over clients' already-sparse updates `(values[k], indices[k])`.
@@ -90,7 +144,6 @@ def sparse_masked_mean_process(d: int, k: int, value_dtype: Any = np.float32,
     `MaskedMeanFactory`. State: `()`.
     """
     weight_type = weight_type or tff.TensorType(np.float32)
-    pieces = _sparse_mean_computations(d, k, np.dtype(value_dtype), weight_type)
     sparse_type = tff.StructWithPythonType(
         [tff.TensorType(value_dtype, [k]), tff.TensorType(np.int32, [k])], tuple
     )
@@ -99,37 +152,7 @@ def sparse_masked_mean_process(d: int, k: int, value_dtype: Any = np.float32,
     def pack(sparse, weight):
         return sparse[0], sparse[1], weight
 
-    @tff.tensorflow.computation(pieces["accumulator_type"])
-    def finish(acc):
-        def fn(acc):
-            mean = kernels.divide_no_nan(acc["numerator"], acc["denominator"])
-            summary = kernels.contributor_summary(acc["contributions"], acc["denominator"])
-            return mean.astype(value_dtype), summary, acc["invalid_weights"]
-
-        return staged(fn)(acc)
-
-    @tff.federated_computation()
-    def init_fn():
-        return tff.federated_value((), tff.SERVER)
-
-    @tff.federated_computation(
-        init_fn.type_signature.result,
-        tff.FederatedType(sparse_type, tff.CLIENTS),
-        tff.FederatedType(weight_type, tff.CLIENTS),
-    )
-    def next_fn(state, sparse, weight):
-        encoded = tff.federated_map(pack, (sparse, weight))
-        acc = tff.federated_aggregate(
-            encoded, pieces["zero_fn"](), pieces["accumulate_fn"], pieces["merge_fn"],
-            pieces["report_fn"],
-        )
-        mean, contributors, invalid = tff.federated_map(finish, acc)
-        measurements = tff.federated_zip(
-            collections.OrderedDict(invalid_weights=invalid, contributors=contributors)
-        )
-        return tff.templates.MeasuredProcessOutput(state, mean, measurements)
-
-    return tff.templates.AggregationProcess(init_fn, next_fn)
+    return _sparse_mean_process(d, k, np.dtype(value_dtype), weight_type, sparse_type, pack)
 
 
 class TopKFactory(tff.aggregators.WeightedAggregationFactory):
@@ -179,8 +202,6 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
         if self.inner is not None:
             return self._create_dense(layout, weight_type, k, static_measurements)
 
-        pieces = _sparse_mean_computations(d, k, layout.flat_dtype, weight_type)
-
         @tff.tensorflow.computation(value_type, weight_type)
         def encode_fn(value, weight):
             def encode(value, weight):
@@ -190,41 +211,10 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
 
             return staged(encode)(value, weight)
 
-        @tff.tensorflow.computation(pieces["accumulator_type"])
-        def finish(acc):
-            def fn(acc):
-                mean = kernels.divide_no_nan(acc["numerator"], acc["denominator"])
-                mean = layout.unflatten(mean.astype(layout.flat_dtype))
-                return mean, kernels.contributor_summary(
-                    acc["contributions"], acc["denominator"]
-                ), acc["invalid_weights"]
-
-            return staged(fn)(acc)
-
-        @tff.federated_computation()
-        def init_fn():
-            return tff.federated_value((), tff.SERVER)
-
-        @tff.federated_computation(
-            init_fn.type_signature.result,
-            tff.FederatedType(value_type, tff.CLIENTS),
-            tff.FederatedType(weight_type, tff.CLIENTS),
+        return _sparse_mean_process(
+            d, k, layout.flat_dtype, weight_type, value_type, encode_fn,
+            unflatten=layout.unflatten, static_measurements=static_measurements,
         )
-        def next_fn(state, value, weight):
-            encoded = tff.federated_map(encode_fn, (value, weight))
-            acc = tff.federated_aggregate(
-                encoded, pieces["zero_fn"](), pieces["accumulate_fn"], pieces["merge_fn"],
-                pieces["report_fn"],
-            )
-            mean, contributors, invalid = tff.federated_map(finish, acc)
-            measurements = static_measurements()
-            measurements["invalid_weights"] = invalid
-            measurements["contributors"] = contributors
-            return tff.templates.MeasuredProcessOutput(
-                state, mean, tff.federated_zip(measurements)
-            )
-
-        return tff.templates.AggregationProcess(init_fn, next_fn)
 
     def _create_dense(self, layout: _Layout, weight_type: Any, k: int, static_measurements):
         inner = self.inner.create(layout.value_type, weight_type)
