@@ -517,12 +517,17 @@ def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) 
     # fills whole packed words and whole hash words: an or of strided slices per packed word.
     per = 32 // bits
     block = max(per, fields_per_word)
-    values = x.reshape(*batch, n_pad // block, block)
-    hashes = _hash_words(seeds, counter.reshape(*batch, n_pad // block, block // fields_per_word))
+    # Code j of each block is row j of the block-transposed values (and hashes): XLA fuses
+    # the transpose into its index arithmetic, and converted by jax2tf (fedkernels.tff) a
+    # row is a contiguous slice, where a column was a strided slice several times slower
+    # than the arithmetic around it.
+    values = jnp.moveaxis(x.reshape(*batch, n_pad // block, block), -1, 0)
+    counter = counter.reshape(*batch, n_pad // block, block // fields_per_word)
+    hashes = jnp.moveaxis(_hash_words(seeds, counter), -1, 0)
     packed = [None] * (block // per)
     for j in range(block):
-        field = _field(hashes[..., j // fields_per_word], j % fields_per_word, field_bits)
-        code = code_of(values[..., j], field)
+        field = _field(hashes[j // fields_per_word], j % fields_per_word, field_bits)
+        code = code_of(values[j], field)
         word, position = divmod(j, per)
         code = code << jnp.uint32(position * bits) if position else code
         packed[word] = code if packed[word] is None else packed[word] | code
