@@ -626,7 +626,11 @@ def dequantize(q: Quantized) -> jax.Array:
     """
     if not isinstance(q, Quantized):
         raise TypeError(f"q must be a Quantized (from fedkernels.quantize), got {type(q).__name__}")
-    codes = unpack_bits(q.packed, q.bits, q.length).astype(jnp.float32)
+    return _decode(unpack_bits(q.packed, q.bits, q.length).astype(jnp.float32), q)
+
+
+def _decode(codes: jax.Array, q: Quantized) -> jax.Array:
+    """`dequantize`'s formula on the codes of `q`, already unpacked to float32 `[..., n]`."""
     levels = jnp.float32((1 << q.bits) - 1)
     factor, low, span = (v[..., None] for v in _row_scaling(q.minimum, q.maximum))
     # With factor 1 (every range up to 3.4e38 wide, down to 2**-90) this is the plain

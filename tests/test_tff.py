@@ -539,6 +539,29 @@ class TestStagedKernels:
             for g, w in zip(got, want, strict=True):
                 np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
+    @pytest.mark.parametrize("bits", [8, 16, 5])
+    def test_staged_dequantize_equals_dequantize_bit_for_bit(self, bits):
+        # 8 and 16 bits read the codes by a bitcast in the staged graph, other widths by
+        # unpack_bits: in TFF's worker the same values as fedkernels.dequantize staged there,
+        # bit for bit, and within rounding of XLA's (whose float arithmetic may contract).
+        import jax
+
+        from fedkernels.tff import _kernels
+
+        x = np.random.default_rng(bits).standard_normal((3, 50)).astype(F32)  # 50: padding
+        q = fk.quantize(x, jax.random.PRNGKey(bits), bits)
+        args = (np.asarray(q.packed), np.asarray(q.minimum), np.asarray(q.maximum))
+        got = self._run_in_tff(
+            lambda p, lo, hi: _kernels.dequantize_staged(fk.Quantized(p, lo, hi, bits, 50)), *args
+        )
+        plain = self._run_in_tff(
+            lambda p, lo, hi: fk.dequantize(fk.Quantized(p, lo, hi, bits, 50)), *args
+        )
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))
+        ulp = np.spacing(np.abs(x).max())
+        np.testing.assert_allclose(np.asarray(got), np.asarray(fk.dequantize(q)), rtol=0,
+                                   atol=2 * ulp)
+
     def test_ascending_equals_fedkernels_top_k(self):
         from fedkernels.tff import _kernels
 

@@ -17,6 +17,7 @@ float32 sums at length 200. `lax.associative_scan` is correct, so `ascending` be
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -183,6 +184,20 @@ def client_quantize(
         else:
             encoded.append(x)
     return encoded
+
+
+def dequantize_staged(q: fk.Quantized) -> jax.Array:
+    """`fedkernels.dequantize(q)`, the same values bit for bit, in the form jax2tf converts to
+    the faster TensorFlow graph: 8- and 16-bit codes are read by a bitcast of the packed words
+    to uint8 / uint16 (`pack_bits`' layout on a little-endian host), where `unpack_bits`'
+    broadcast shift runs several times slower in TensorFlow (under XLA it is the faster of
+    the two, so the jitted kernels keep it)."""
+    if q.bits not in (8, 16) or sys.byteorder != "little":
+        return fk.dequantize(q)
+    small = jnp.uint8 if q.bits == 8 else jnp.uint16
+    codes = lax.bitcast_convert_type(q.packed, small)
+    codes = codes.reshape(*q.packed.shape[:-1], -1)[..., : q.length]
+    return fk._quantize._decode(codes.astype(jnp.float32), q)
 
 
 def decode(encoded: list[Any], shapes: list[tuple[int, ...]], dtypes: list[Any], bits: int) -> list:

@@ -133,7 +133,7 @@ class _QuantizeCodec:
             values, masks = [], []
             for item, n in zip(items, sizes, strict=True):
                 q = fk.Quantized(item[0], item[1], item[2], bits, n)
-                values.append(fk.dequantize(q))
+                values.append(kernels.dequantize_staged(q))
                 if masked:
                     masks.append(fk._quantize.unpack_bits(item[3], 1, n) > 0)
             return values, masks
