@@ -93,3 +93,17 @@ def test_stop_process_kills_a_worker_that_ignores_sigint(handler, timeout, retur
         if child.poll() is None:
             child.kill()
         child.stdout.close()
+
+
+def test_stopping_workers_at_exit_is_registered_once():
+    """Every module that starts TFF computations asks for it; one exit handler results (each
+    run scans the heap for TFF's worker handles)."""
+    import atexit
+
+    from fedkernels.tff import _deps
+
+    _deps.stop_local_workers_at_exit()
+    registered = atexit._ncallbacks()
+    _deps.stop_local_workers_at_exit()
+    assert atexit._ncallbacks() == registered
+    assert _deps._STOP_AT_EXIT == [True]

@@ -6,6 +6,7 @@ first use of a TFF adapter imports `tensorflow`, `tensorflow_federated` and `jax
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import signal
@@ -69,10 +70,22 @@ def stop_local_workers() -> int:
     return stopped
 
 
-def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGINT (the worker's own shutdown), then SIGKILL if it has not exited after `timeout`
-    seconds: a worker started from a background shell inherits SIGINT ignored and would
-    otherwise keep its memory and a core."""
+_STOP_AT_EXIT: list[bool] = []
+
+
+def stop_local_workers_at_exit() -> None:
+    """Registers `stop_local_workers` with `atexit`, once per process (the modules that
+    start TFF computations each call this)."""
+    if not _STOP_AT_EXIT:
+        atexit.register(stop_local_workers)
+        _STOP_AT_EXIT.append(True)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 2.0) -> None:
+    """SIGINT (the worker's own shutdown, quick when it works), then SIGKILL if it has not
+    exited after `timeout` seconds: a worker started from a background shell inherits SIGINT
+    ignored and would otherwise keep its memory and a core, or hold up the exit of the
+    process that waits for it."""
     process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=timeout)

@@ -38,7 +38,7 @@ from fedkernels.tff import _deps
 
 tf = _deps.tf()
 tff = _deps.tff()
-atexit.register(_deps.stop_local_workers)
+_deps.stop_local_workers_at_exit()
 
 UPDATE_TRANSPORTS = ("files", "tff")
 

@@ -16,7 +16,6 @@ per-client weight and contribution steps in TensorFlow ops. The factories live i
 
 from __future__ import annotations
 
-import atexit
 import collections
 import math
 from typing import Any
@@ -30,7 +29,7 @@ from fedkernels.tff import _deps
 tf = _deps.tf()
 tff = _deps.tff()
 jax2tf = _deps.jax2tf()
-atexit.register(_deps.stop_local_workers)
+_deps.stop_local_workers_at_exit()
 
 _INDEX_BYTES = 4  # int32 indices
 
