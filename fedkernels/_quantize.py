@@ -514,13 +514,13 @@ def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) 
         fields = jnp.stack(fields, axis=-1).reshape(*batch, n_pad)
         return pack_bits(code_of(x, fields), bits)
     # Packed word w holds codes w*per .. w*per+per-1 (pack_bits' layout). A block of codes
-    # fills whole packed words and whole hash words: an or of strided slices per packed word.
-    per = 32 // bits
-    block = max(per, fields_per_word)
+    # fills whole packed words and whole hash words: an or of shifted codes per packed word.
     # Code j of each block is row j of the block-transposed values (and hashes): XLA fuses
     # the transpose into its index arithmetic, and converted by jax2tf (fedkernels.tff) a
     # row is a contiguous slice, where a column was a strided slice several times slower
     # than the arithmetic around it.
+    per = 32 // bits
+    block = max(per, fields_per_word)
     values = jnp.moveaxis(x.reshape(*batch, n_pad // block, block), -1, 0)
     counter = counter.reshape(*batch, n_pad // block, block // fields_per_word)
     hashes = jnp.moveaxis(_hash_words(seeds, counter), -1, 0)

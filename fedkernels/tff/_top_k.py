@@ -101,9 +101,9 @@ def _sparse_mean_process(
         def fn(acc):
             mean = kernels.divide_no_nan(acc["numerator"], acc["denominator"]).astype(value_dtype)
             summary = kernels.contributor_summary(acc["contributions"], acc["denominator"])
-            return (mean if unflatten is None else unflatten(mean)), summary, acc[
-                "invalid_weights"
-            ]
+            if unflatten is not None:
+                mean = unflatten(mean)
+            return mean, summary, acc["invalid_weights"]
 
         return staged(fn)(acc)
 
