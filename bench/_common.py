@@ -24,7 +24,13 @@ def block(value: Any) -> Any:
 
 
 def time_fn(
-    fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, compiles: bool = True
+    fn: Callable[..., Any],
+    *args: Any,
+    repeats: int = 5,
+    warmup: int = 1,
+    compiles: bool = True,
+    min_seconds: float = 0.0,
+    max_repeats: int = 200,
 ) -> dict:
     """Times `fn(*args)`: the first call separately (compile + run), then `repeats` runs.
 
@@ -32,6 +38,11 @@ def time_fn(
     `{"first": ..., "median": ..., "min": ..., "repeats": n, "compile": first - median}`.
     `compile` is an estimate of tracing + compilation (first call minus a warm call); None
     when `compiles` is False (NumPy: its first call only touches memory for the first time).
+    `warmup` calls (the first included) are not timed. With `min_seconds`, timing goes on past
+    `repeats` until the timed runs add up to that much (at most `max_repeats` runs): a
+    millisecond kernel then gets dozens of runs, so that the median is the steady state of a
+    loop, not a few calls in which the allocator still grows its heap (page faults on fresh
+    output buffers, which a long-running caller pays only at its start).
     """
     repeats = max(int(repeats), 5)
     start = time.perf_counter()
@@ -39,8 +50,8 @@ def time_fn(
     first = time.perf_counter() - start
     for _ in range(max(warmup - 1, 0)):
         block(fn(*args))
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
         start = time.perf_counter()
         block(fn(*args))
         times.append(time.perf_counter() - start)
@@ -200,8 +211,8 @@ def copy_bandwidth(device: jax.Device, nbytes: int = 256 * 2**20) -> dict:
     x = jax.device_put(host, device)
     # x * 1 + 0 would be folded; negation is one read and one write, same as a copy.
     copy = jax.jit(lambda a: -a)
-    t_dev = time_fn(copy, x, repeats=7)
-    t_np = time_fn(np.copy, host, repeats=7, compiles=False)
+    t_dev = time_fn(copy, x, repeats=7, warmup=3)
+    t_np = time_fn(np.copy, host, repeats=7, warmup=3, compiles=False)
     moved = 2 * host.nbytes
     device_best, numpy_best = moved / t_dev["min"], moved / t_np["min"]
     return {

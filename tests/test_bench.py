@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -181,6 +183,21 @@ def test_run_case_gives_numpy_rows_no_compile_time(tmp_path):
     records = {r["impl"]: r for r in suite_kernels._run_case(_ctx(tmp_path), case, repeats=5)}
     assert records["numpy sum"]["compile"] is None
     assert records["fedkernels"]["compile"] >= 0.0
+
+
+def test_time_fn_warms_up_untimed_and_times_until_min_seconds():
+    calls = []
+
+    def fn():
+        calls.append(None)
+        time.sleep(0.002)
+
+    timing = _common.time_fn(fn, repeats=5, warmup=3, compiles=False, min_seconds=0.05)
+    # 3 untimed calls (the first one included), then runs until 0.05 s are timed.
+    assert timing["repeats"] == len(calls) - 3
+    assert 0.05 <= timing["repeats"] * timing["median"] * 1.5 and timing["repeats"] > 5
+    few = _common.time_fn(fn, repeats=5, compiles=False, min_seconds=10.0, max_repeats=8)
+    assert few["repeats"] == 8
 
 
 def test_time_interleaved_gives_uncompiled_rows_no_compile_time():
