@@ -42,15 +42,24 @@ def time_fn(
     `repeats` until the timed runs add up to that much (at most `max_repeats` runs): a
     millisecond kernel then gets dozens of runs, so that the median is the steady state of a
     loop, not a few calls in which the allocator still grows its heap (page faults on fresh
-    output buffers, which a long-running caller pays only at its start).
+    output buffers, which a long-running caller pays only at its start). Warm-up calls past
+    the first are untimed only while they are short (under `min_seconds / 10`): a long one
+    counts as the first timed run and ends the warm-up, so a seconds-long implementation is
+    called as often as with one warm-up call (each call of a memory-hungry one can grow a
+    heap that `fedkernels.host.keep_host_memory()` never trims).
     """
     repeats = max(int(repeats), 5)
     start = time.perf_counter()
     block(fn(*args))
     first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        block(fn(*args))
     times: list[float] = []
+    for _ in range(max(warmup - 1, 0)):
+        start = time.perf_counter()
+        block(fn(*args))
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds / 10:  # a long call: the first timed run, no more warm-up
+            times.append(elapsed)
+            break
     while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
         start = time.perf_counter()
         block(fn(*args))
@@ -211,8 +220,9 @@ def copy_bandwidth(device: jax.Device, nbytes: int = 256 * 2**20) -> dict:
     x = jax.device_put(host, device)
     # x * 1 + 0 would be folded; negation is one read and one write, same as a copy.
     copy = jax.jit(lambda a: -a)
-    t_dev = time_fn(copy, x, repeats=7, warmup=3)
-    t_np = time_fn(np.copy, host, repeats=7, warmup=3, compiles=False)
+    t_dev = time_fn(copy, x, repeats=7, warmup=3, min_seconds=0.3, max_repeats=7)
+    t_np = time_fn(np.copy, host, repeats=7, warmup=3, min_seconds=0.3, max_repeats=7,
+                   compiles=False)
     moved = 2 * host.nbytes
     device_best, numpy_best = moved / t_dev["min"], moved / t_np["min"]
     return {

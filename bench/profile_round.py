@@ -4,9 +4,10 @@ Runs the pipeline suite's round (top-k 1% + error feedback + 8 bits, same inputs
 `jax.profiler`, reads the trace back and prints the compiled program's top-level ops (XLA's
 names: `while.N` is a loop, e.g. the per-client work or a scatter; `call.N` a parallel fusion,
 e.g. a pass over `[C, d]`; `custom-call` the sample's `lax.top_k`) by time per round, with
-the round's total. Writes the table as JSON too. Match the names to the code with
-`XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text` (the `*after_optimizations.txt` file
-of `jit_run`).
+the round's total, and beside each op the JAX operation it comes from (the `op_name` of its
+HLO metadata, read from the optimized program XLA dumps into a temporary directory: a loop
+or call is named by the most frequent source among the ops inside it). Writes the table as
+JSON too.
 
 On jaxlib < 0.4.32 (the old XLA:CPU runtime) ops are only traced with
 `--xla_cpu_enable_xprof_traceme=true`, which this module adds to `XLA_FLAGS` before jax
@@ -21,13 +22,17 @@ import collections
 import gzip
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+_DUMP = tempfile.mkdtemp(prefix="fedkernels-profile-hlo-")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_cpu_enable_xprof_traceme=true --xla_dump_to={_DUMP} --xla_dump_hlo_as_text"
 ).strip()
 
 import jax  # noqa: E402 (XLA_FLAGS first)
@@ -39,6 +44,69 @@ from bench.suite_pipeline import round_inputs, round_options  # noqa: E402
 
 # Trace events that are not ops of the compiled program (runtime, Python, profiler).
 _NOT_OPS = ("Execute", "PjitFunction", "$")
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = .*$")
+_CALLS = re.compile(r"(?:calls|body|to_apply|branch_computations|true_computation|"
+                    r"false_computation)=\{?([%\w.\-, ]+)\}?")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+
+
+def _sources(hlo: str) -> dict[str, str]:
+    """Instruction name -> the JAX operation it comes from, for the optimized HLO text `hlo`:
+    its own `op_name`, or for a loop, call or fusion without one, the most frequent `op_name`
+    of the computations it runs (transitively)."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{\s*$", line)
+        if header and "=" not in line.split("{")[0]:
+            current = header.group(1)
+            computations[current] = []
+        elif current is not None and _INSTRUCTION.match(line):
+            computations[current].append(line)
+
+    def names(computation: str, seen: set) -> collections.Counter:
+        counts: collections.Counter = collections.Counter()
+        if computation in seen:
+            return counts
+        seen.add(computation)
+        for line in computations.get(computation, []):
+            found = _OP_NAME.search(line)
+            if found:
+                counts[_short(found.group(1))] += 1
+            for called in _CALLS.findall(line):
+                for name in called.replace("%", "").split(","):
+                    counts += names(name.strip(), seen)
+        return counts
+
+    sources = {}
+    for lines in computations.values():
+        for line in lines:
+            name = _INSTRUCTION.match(line).group(1)
+            found = _OP_NAME.search(line)
+            if found:
+                sources[name] = _short(found.group(1))
+                continue
+            counts = collections.Counter()
+            for called in _CALLS.findall(line):
+                for callee in called.replace("%", "").split(","):
+                    counts += names(callee.strip(), set())
+            if counts:
+                sources[name] = counts.most_common(1)[0][0]
+    return sources
+
+
+def _short(op_name: str) -> str:
+    """`jit(run)/jit(main)/while/body/add` -> the last four parts, without jit() wrappers."""
+    parts = [p for p in op_name.split("/") if not p.startswith("jit(")]
+    return "/".join(parts[-4:])
+
+
+def _program_sources() -> dict[str, str]:
+    """`_sources` of the largest optimized program XLA dumped (the round's)."""
+    files = sorted(Path(_DUMP).glob("*after_optimizations.txt"), key=lambda p: p.stat().st_size)
+    return _sources(files[-1].read_text()) if files else {}
 
 
 def profile(num_clients: int, d: int, rounds: int) -> dict:
@@ -83,8 +151,10 @@ def profile(num_clients: int, d: int, rounds: int) -> dict:
         outer_end[thread] = event["ts"] + event["dur"]
         total[event["name"]] += event["dur"] / 1e3 / rounds
         calls[event["name"]] += 1
+    sources = _program_sources()
     ops = [
-        {"op": name, "ms_per_round": round(ms, 3), "calls_per_round": calls[name] / rounds}
+        {"op": name, "ms_per_round": round(ms, 3), "calls_per_round": calls[name] / rounds,
+         "source": sources.get(name, "")}
         for name, ms in total.most_common()
     ]
     return {
@@ -114,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['wall_ms_per_round']:.1f} ms under the profiler (median), "
           f"{result['ops_ms_per_round']:.1f} ms of traced ops per round")
     for row in result["ops"][: args.top]:
-        print(f"{row['ms_per_round']:9.1f} ms  x{row['calls_per_round']:<6g} {row['op'][:80]}")
+        print(f"{row['ms_per_round']:9.1f} ms  x{row['calls_per_round']:<6g} "
+              f"{row['op'][:28]:28s} {row['source'][:90]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    shutil.rmtree(_DUMP, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -115,6 +115,27 @@ def _backend_started() -> bool:
     return bool(started()) if started is not None else False
 
 
+def release_host_memory() -> bool:
+    """Gives the free memory of the process's heap back to the system now (glibc only).
+
+    With `keep_host_memory()` the heap never shrinks: after a phase that needed large
+    temporaries, their memory stays resident (and, from one arena, a later phase cannot
+    always reuse it). This returns every free page (`malloc_trim(0)`); buffers still in use
+    are untouched, and the next large allocations are faulted in afresh once. The setting
+    itself stays in effect.
+
+    Returns:
+      True if memory was returned, False if there was none to return or this is not glibc.
+
+    >>> release_host_memory() in (True, False)
+    True
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
+
+
 def host_memory_kept() -> bool:
     """Whether `keep_host_memory()` is in effect in this process."""
     return _state["enabled"]

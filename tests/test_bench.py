@@ -198,6 +198,10 @@ def test_time_fn_warms_up_untimed_and_times_until_min_seconds():
     assert 0.05 <= timing["repeats"] * timing["median"] * 1.5 and timing["repeats"] > 5
     few = _common.time_fn(fn, repeats=5, compiles=False, min_seconds=10.0, max_repeats=8)
     assert few["repeats"] == 8
+    # A call longer than min_seconds / 10 ends the warm-up and is the first timed run.
+    calls.clear()
+    slow = _common.time_fn(fn, repeats=5, warmup=3, compiles=False, min_seconds=0.001)
+    assert slow["repeats"] == len(calls) - 1 == 5
 
 
 def test_time_interleaved_gives_uncompiled_rows_no_compile_time():

@@ -91,9 +91,46 @@ def test_kept_memory_reuses_large_buffers_on_every_stack():
     assert faults("keep") < pages // 100
 
 
+_RELEASE_SCRIPT = """
+import sys
+from fedkernels import host
+assert host.keep_host_memory()
+import numpy as np
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+base = resident()
+big = np.ones(50_000_000, np.float32)  # 200 MB from the heap (mmap is off)
+small = np.ones(10, np.float32)  # allocated above it: the heap's top is not free
+del big
+kept = resident() - base
+released = host.release_host_memory()
+print(kept, resident() - base, released)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or host._libc() is None, reason="glibc only"
+)
+def test_release_host_memory_returns_what_kept_memory_holds():
+    """A freed 200 MB buffer stays resident with `keep_host_memory()` (the heap is never
+    trimmed) until `release_host_memory()` gives it back, even below a live allocation."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _RELEASE_SCRIPT], capture_output=True, text=True, check=True
+    )
+    kept, after, released = out.stdout.split()
+    assert int(kept) > 150e6, out.stdout
+    assert int(after) < 50e6, out.stdout
+    assert released == "True"
+
+
 def test_host_setting_lives_in_its_own_module():
     """The process-wide setting is `fedkernels.host`, not a kernel: no top-level names."""
     assert fk.host is host and callable(host.keep_host_memory)
-    for name in ("keep_host_memory", "host_memory_kept"):
+    for name in ("keep_host_memory", "host_memory_kept", "release_host_memory"):
         assert not hasattr(fk, name), name
         assert name not in fk.__all__
