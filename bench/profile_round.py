@@ -49,7 +49,7 @@ _NOT_OPS = ("Execute", "PjitFunction", "$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = .*$")
 _CALLS = re.compile(r"(?:calls|body|to_apply|branch_computations|true_computation|"
                     r"false_computation)=\{?([%\w.\-, ]+)\}?")
-_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]+)"(?:[^}]*?source_file="([^"]+)" source_line=(\d+))?')
 
 
 def _sources(hlo: str) -> dict[str, str]:
@@ -74,7 +74,7 @@ def _sources(hlo: str) -> dict[str, str]:
         for line in computations.get(computation, []):
             found = _OP_NAME.search(line)
             if found:
-                counts[_short(found.group(1))] += 1
+                counts[_short(*found.groups())] += 1
             for called in _CALLS.findall(line):
                 for name in called.replace("%", "").split(","):
                     counts += names(name.strip(), seen)
@@ -86,7 +86,7 @@ def _sources(hlo: str) -> dict[str, str]:
             name = _INSTRUCTION.match(line).group(1)
             found = _OP_NAME.search(line)
             if found:
-                sources[name] = _short(found.group(1))
+                sources[name] = _short(*found.groups())
                 continue
             counts = collections.Counter()
             for called in _CALLS.findall(line):
@@ -97,10 +97,24 @@ def _sources(hlo: str) -> dict[str, str]:
     return sources
 
 
-def _short(op_name: str) -> str:
-    """`jit(run)/jit(main)/while/body/add` -> the last four parts, without jit() wrappers."""
-    parts = [p for p in op_name.split("/") if not p.startswith("jit(")]
-    return "/".join(parts[-4:])
+def _short(op_name: str, source_file: str | None = None, line: str | None = None) -> str:
+    """The stage (fedkernels' named scopes, e.g. `select/trial`) and primitive, without jit
+    wrappers, loop plumbing or parameters, and the fedkernels source line when XLA kept it:
+    `select/trial/reduce_sum fedkernels/_radix.py:128`."""
+    parts = [
+        p.split("[")[0] for p in op_name.split("/")
+        if not p.startswith(("jit(", "vmap(", "checkpoint")) and p not in _PLUMBING
+    ]
+    where = "/".join(parts[-4:])
+    if source_file:
+        path = Path(source_file).parts
+        path = path[path.index("fedkernels"):] if "fedkernels" in path else path[-2:]
+        where += f" {'/'.join(path)}:{line}"
+    return where
+
+
+# Parts of an op_name that say how it was traced, not what it computes.
+_PLUMBING = {"while", "body", "cond", "branch_0_fun", "branch_1_fun", "remat", "closed_call"}
 
 
 def _program_sources() -> dict[str, str]:
@@ -157,6 +171,9 @@ def profile(num_clients: int, d: int, rounds: int) -> dict:
          "source": sources.get(name, "")}
         for name, ms in total.most_common()
     ]
+    stages: collections.Counter = collections.Counter()
+    for row in ops:
+        stages[_stage(row)] += row["ms_per_round"]
     return {
         "jax": jax.__version__,
         "numpy": np.__version__,
@@ -166,8 +183,24 @@ def profile(num_clients: int, d: int, rounds: int) -> dict:
         "options": round_options(d),
         "wall_ms_per_round": round(float(np.median(walls)), 3),
         "ops_ms_per_round": round(sum(total.values()), 3),
+        "stages_ms_per_round": {k: round(v, 3) for k, v in stages.most_common()},
         "ops": ops,
     }
+
+
+def _stage(row: dict) -> str:
+    """The round's stage an op belongs to: the first named scope of its source, the sample's
+    `lax.top_k` for the unnamed custom call of jaxlib < 0.4.32, else "other"."""
+    source = row["source"]
+    if not source and row["op"].startswith("custom-call"):
+        return "select"  # lax.top_k of the sample: XLA dropped its metadata
+    stage = source.split(" ")[0].split("/")[0]
+    return stage if stage in STAGES else "other"
+
+
+# The named scopes of a compressed round (fedkernels/_pipeline/encode.py, round.py).
+STAGES = ("acc", "select", "gather_values", "quantize", "residual_scatter", "residual_norms",
+          "server_sums")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {result['jax']}, C={args.clients}, d={args.dim}: round "
           f"{result['wall_ms_per_round']:.1f} ms under the profiler (median), "
           f"{result['ops_ms_per_round']:.1f} ms of traced ops per round")
+    print("by stage: " + ", ".join(f"{k} {v:.1f} ms"
+                                  for k, v in result["stages_ms_per_round"].items()))
     for row in result["ops"][: args.top]:
         print(f"{row['ms_per_round']:9.1f} ms  x{row['calls_per_round']:<6g} "
               f"{row['op'][:28]:28s} {row['source'][:90]}")

@@ -527,8 +527,10 @@ def top_k_rows(
     config = for_backend() if config is None else config
     c, d = rows[0].shape
     capacity = _capacity(d, k, capacity)
-    lo, hi = _sample_bounds(key_fn(combine(*(_sample(a, k) for a in rows))), d, k)
-    gt_hi, ge_lo = jax.vmap(_trial)(key_fn(combine(*rows)), lo, hi)
+    with jax.named_scope("sample"):
+        lo, hi = _sample_bounds(key_fn(combine(*(_sample(a, k) for a in rows))), d, k)
+    with jax.named_scope("trial"):
+        gt_hi, ge_lo = jax.vmap(_trial)(key_fn(combine(*rows)), lo, hi)
 
     def select(fallback):
         def one(gt, ge, lo_i, hi_i, i):
@@ -552,7 +554,8 @@ def top_k_rows(
     # (`lax.map`) skip a per-row branch whose fallback closes over the whole rows, which
     # halves the per-row work. When some trial failed, each row branches on its own.
     ok = jax.vmap(lambda g, e: _trial_ok(g, e, k, capacity)[0])(gt_hi, ge_lo)
-    return lax.cond(jnp.all(ok), lambda: select(False), lambda: select(True))
+    with jax.named_scope("per_row"):
+        return lax.cond(jnp.all(ok), lambda: select(False), lambda: select(True))
 
 
 def unpack_mask(words: jax.Array, d: int) -> jax.Array:

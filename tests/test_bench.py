@@ -137,6 +137,11 @@ def test_profile_round_reports_the_programs_ops(tmp_path):
     assert not any("Execute" in n or n.startswith("$") for n in names), names[:10]
     assert abs(sum(row["ms_per_round"] for row in result["ops"]) - result["ops_ms_per_round"]) < 0.1
     assert result["wall_ms_per_round"] > 0 and "traced ops per round" in done.stdout
+    # Each op is named by the round's stage it comes from (fedkernels' named scopes).
+    stages = {row["source"].split("/")[0] for row in result["ops"]}
+    assert {"acc", "select", "residual_norms", "server_sums"} <= stages, stages
+    assert set(result["stages_ms_per_round"]) >= {"acc", "select"}
+    assert abs(sum(result["stages_ms_per_round"].values()) - result["ops_ms_per_round"]) < 0.1
 
 
 # ---------------------------------------------------------------- output a reader understands

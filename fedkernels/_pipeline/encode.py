@@ -207,7 +207,9 @@ def _finish(
     if new_residuals is None:
         return payload, None, ClientReport(included, jnp.zeros((c,), jnp.float32))
     new_residuals = keep_old_residuals(new_residuals, old_residuals, included)
-    return payload, new_residuals, ClientReport(included, row_norms(new_residuals))
+    with jax.named_scope("residual_norms"):
+        norms = row_norms(new_residuals)
+    return payload, new_residuals, ClientReport(included, norms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,20 +327,25 @@ def _encode_top_k(
     sparse, dense = split(layout, flat)
     k, d_s = layout.k, layout.sparse_size
     flat_index = c * d_s <= config.flat_index_limit
-    if residuals is None:
-        acc_flat = sparse.reshape(-1)
-    else:
-        acc_flat = sparse.reshape(-1) + residuals.astype(jnp.float32).reshape(-1)
-    acc = acc_flat.reshape(c, d_s)
-    _, indices = top_k_rows_words((acc,), lambda a: a, k, config.radix)
-    if flat_index:
-        positions = (indices + jnp.arange(c, dtype=jnp.int32)[:, None] * d_s).reshape(-1)
-        values = acc_flat[positions].reshape(c, k)
-    else:
-        values = jnp.take_along_axis(acc, indices, axis=1)
+    # Named scopes label the round's stages in profiles (`python -m bench.profile_round`).
+    with jax.named_scope("acc"):
+        if residuals is None:
+            acc_flat = sparse.reshape(-1)
+        else:
+            acc_flat = sparse.reshape(-1) + residuals.astype(jnp.float32).reshape(-1)
+        acc = acc_flat.reshape(c, d_s)
+    with jax.named_scope("select"):
+        _, indices = top_k_rows_words((acc,), lambda a: a, k, config.radix)
+    with jax.named_scope("gather_values"):
+        if flat_index:
+            positions = (indices + jnp.arange(c, dtype=jnp.int32)[:, None] * d_s).reshape(-1)
+            values = acc_flat[positions].reshape(c, k)
+        else:
+            values = jnp.take_along_axis(acc, indices, axis=1)
     finite = present & finite_rows(values) & finite_rows(dense)
     values = jnp.where(finite[:, None], values, 0.0)  # excluded clients send zeros (dropped)
-    codes, minimum, maximum, decoded = quantize_values(config, values, client_ids, key)
+    with jax.named_scope("quantize"):
+        codes, minimum, maximum, decoded = quantize_values(config, values, client_ids, key)
     included = finite & finite_rows(decoded)
 
     new_residuals = None
@@ -349,12 +356,15 @@ def _encode_top_k(
         scatter_options = dict(
             indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds"
         )
-        if flat_index:
-            new_residuals = acc_flat.at[positions].set(
-                unseen.reshape(-1), **scatter_options
-            ).reshape(c, d_s)
-        else:
-            new_residuals = acc.at[jnp.arange(c)[:, None], indices].set(unseen, **scatter_options)
+        with jax.named_scope("residual_scatter"):
+            if flat_index:
+                new_residuals = acc_flat.at[positions].set(
+                    unseen.reshape(-1), **scatter_options
+                ).reshape(c, d_s)
+            else:
+                new_residuals = acc.at[jnp.arange(c)[:, None], indices].set(
+                    unseen, **scatter_options
+                )
     return _finish(config, layout, included, indices, values, (codes, minimum, maximum), dense,
                    new_residuals, residuals)
 

@@ -286,7 +286,8 @@ def round_flat(
                 f"{flat.shape[0]} rows"
             )
         payload, new_res, report = encode(config, layout, flat, res, ids, pres, key)
-        sums = agg.aggregate(config, layout, payload, w, report.included)
+        with jax.named_scope("server_sums"):
+            sums = agg.aggregate(config, layout, payload, w, report.included)
         return sums, new_res, report
 
     if chunk_size is None or chunk_size >= c:
