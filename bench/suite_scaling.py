@@ -196,8 +196,8 @@ class Sweep:
 def sweeps(quick: bool, gpu: bool = False) -> list[Sweep]:
     """The curves: C from 10 to 1000 and d from 1e4 to 1e7.
 
-    Quick: d to 1e6, and the round's d to 1e5 only (from 2**18 on the round compiles
-    top-k's radix path, by far the longest compile of the suite).
+    Quick: d to 1e6, and the round's d to 1e5 only (the round's compile, top-k's radix
+    path from 2**16 on, grows with d and is by far the longest of the suite).
     """
     cs = (10, 100, 1000) if quick else (10, 30, 100, 300, 1000)
     ds = (10**4, 10**5, 10**6) if quick else (10**4, 10**5, 10**6, 10**7)

@@ -137,7 +137,7 @@ def top_k(x: Any, k: int, *, method: str = "auto") -> tuple[jax.Array, jax.Array
     Args:
       x: float `[..., d]`; leading dimensions are batch (e.g. clients).
       k: static int in `[1, d]`.
-      method: "auto" (default: "lax" for rows shorter than 2**18, "radix" from there on,
+      method: "auto" (default: "lax" for rows shorter than 2**16, "radix" from there on,
         the crossover of bench case `top_k` on XLA:CPU), "radix" (exact radix select: the k-th
         largest key is found by counting passes over bit-packed masks, then the selection is
         compacted; faster than `lax.top_k` on long rows, see `fedkernels/_radix.py`) or
