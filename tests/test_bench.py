@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 import pytest
@@ -190,17 +188,20 @@ def test_run_case_gives_numpy_rows_no_compile_time(tmp_path):
     assert records["fedkernels"]["compile"] >= 0.0
 
 
-def test_time_fn_warms_up_untimed_and_times_until_min_seconds():
+def test_time_fn_warms_up_untimed_and_times_until_min_seconds(monkeypatch):
+    # A fake clock: each call of fn takes exactly 2 ms, whatever the machine is doing.
+    clock = [0.0]
     calls = []
 
     def fn():
         calls.append(None)
-        time.sleep(0.002)
+        clock[0] += 0.002
 
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: clock[0])
     timing = _common.time_fn(fn, repeats=5, warmup=3, compiles=False, min_seconds=0.05)
-    # 3 untimed calls (the first one included), then runs until 0.05 s are timed.
-    assert timing["repeats"] == len(calls) - 3
-    assert 0.05 <= timing["repeats"] * timing["median"] * 1.5 and timing["repeats"] > 5
+    # 3 untimed calls (the first one included), then runs until 0.05 s are timed: 25 of 2 ms.
+    assert len(calls) - 3 == timing["repeats"] == 25
+    assert timing["median"] == pytest.approx(0.002)
     few = _common.time_fn(fn, repeats=5, compiles=False, min_seconds=10.0, max_repeats=8)
     assert few["repeats"] == 8
     # A call longer than min_seconds / 10 ends the warm-up and is the first timed run.
