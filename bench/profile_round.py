@@ -75,9 +75,8 @@ def _sources(hlo: str) -> dict[str, str]:
             found = _OP_NAME.search(line)
             if found:
                 counts[_short(*found.groups())] += 1
-            for called in _CALLS.findall(line):
-                for name in called.replace("%", "").split(","):
-                    counts += names(name.strip(), seen)
+            for callee in _called(line):
+                counts += names(callee, seen)
         return counts
 
     sources = {}
@@ -89,12 +88,18 @@ def _sources(hlo: str) -> dict[str, str]:
                 sources[name] = _short(*found.groups())
                 continue
             counts = collections.Counter()
-            for called in _CALLS.findall(line):
-                for callee in called.replace("%", "").split(","):
-                    counts += names(callee.strip(), set())
+            for callee in _called(line):
+                counts += names(callee, set())
             if counts:
                 sources[name] = counts.most_common(1)[0][0]
     return sources
+
+
+def _called(line: str) -> list[str]:
+    """The computations an HLO instruction runs (a fusion's, a loop's body and condition, a
+    conditional's branches, a reduction's combiner)."""
+    return [name.strip() for group in _CALLS.findall(line)
+            for name in group.replace("%", "").split(",")]
 
 
 def _short(op_name: str, source_file: str | None = None, line: str | None = None) -> str:
@@ -212,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/bench/profile_round.json"))
     args = parser.parse_args(argv)
     fk.host.keep_host_memory()
-    result = profile(args.clients, args.dim, args.rounds)
+    try:
+        result = profile(args.clients, args.dim, args.rounds)
+    finally:
+        shutil.rmtree(_DUMP, ignore_errors=True)
     print(f"jax {result['jax']}, C={args.clients}, d={args.dim}: round "
           f"{result['wall_ms_per_round']:.1f} ms under the profiler (median), "
           f"{result['ops_ms_per_round']:.1f} ms of traced ops per round")
@@ -223,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['op'][:28]:28s} {row['source'][:90]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    shutil.rmtree(_DUMP, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -374,7 +374,9 @@ def _sizes(ctx: _common.Context) -> dict[str, list]:
     }
 
 
-# Timed runs of each implementation add up to at least this (see `_common.time_fn`).
+# Untimed calls before timing, and seconds the timed runs of each implementation add up to
+# at least (see `_common.time_fn`).
+_WARMUP = 3
 _MIN_SECONDS = 0.3
 
 
@@ -393,7 +395,7 @@ def _run_case(ctx: _common.Context, case: Case, repeats: int) -> list[dict]:
                     f"{free / 2**30:.1f} GiB available"
                 )
             return _common.time_fn(
-                fn, *args, repeats=repeats, warmup=3, min_seconds=_MIN_SECONDS,
+                fn, *args, repeats=repeats, warmup=_WARMUP, min_seconds=_MIN_SECONDS,
                 compiles=_common.compiles(fn),
             )
 
@@ -436,9 +438,9 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 LEGEND = [
     "case: op_shape_dtype[_params] (k: entries kept, b: bits, d: dense length); the rows under "
     "it are other implementations of the same computation on the same data, in this process",
-    "median ms: median wall time of the timed runs (at least 5 and at least 0.3 s in all, "
-    "after 3 untimed calls, block_until_ready); compile ms: first call minus median, for "
-    "jitted JAX only ('-' for NumPy, which compiles nothing)",
+    f"median ms: median wall time of the timed runs (at least 5 and at least {_MIN_SECONDS} s "
+    f"in all, after {_WARMUP} untimed calls, block_until_ready); compile ms: first call minus "
+    "median, for jitted JAX only ('-' for NumPy, which compiles nothing)",
     "vs numpy: this row's median / the baseline's median (the baseline is the case's first "
     "numpy row); < 1 is faster than NumPy, 1.00x is the baseline itself",
     "best vs best: the same ratio from each row's fastest run (steadier when other jobs "
