@@ -345,9 +345,14 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
     assert int(m.uploaded_bytes) == 3 * comp.layout.payload_bytes
     np.testing.assert_array_equal(m.bytes_per_client, np.array([1, 0, 1, 0, 1]) *
                                   comp.layout.payload_bytes)
-    assert bool(jnp.all(jnp.isfinite(result.residuals)))
-    np.testing.assert_array_equal(result.residuals[1], residuals[1])
-    np.testing.assert_array_equal(result.residuals[3], residuals[3])
+    # Chunked (the last chunk padded), the old rows are put back after the chunks.
+    chunked = comp.round(updates, KEY, residuals=residuals, chunk_size=2)
+    for res in (result.residuals, chunked.residuals):
+        assert bool(jnp.all(jnp.isfinite(res)))
+        np.testing.assert_array_equal(res[1], residuals[1])
+        np.testing.assert_array_equal(res[3], residuals[3])
+    np.testing.assert_array_equal(chunked.residuals, result.residuals)
+    np.testing.assert_array_equal(chunked.metrics.excluded, m.excluded)
     # The mean is that of the three finite clients: the same round with the two bad clients
     # replaced by zero-weight zeros (same ids, so the same quantization draws).
     weights = jnp.array([1.0, 0.0, 1.0, 0.0, 1.0])

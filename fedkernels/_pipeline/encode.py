@@ -69,20 +69,26 @@ def finite_rows(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x), axis=1)
 
 
-def keep_old_residuals(new: jax.Array, old: jax.Array, included: jax.Array) -> jax.Array:
-    """`where(included[:, None], new, old)`: an excluded client keeps its old residual.
+def keep_old_residuals(
+    new: jax.Array, norms: jax.Array, old: jax.Array, included: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`(where(included[:, None], new, old), norms)` with an excluded client's norm that of its
+    old row: an excluded client keeps its old residual.
 
     Written without a pass over the rows kept: a loop over the others (usually none) copies
-    each old row back into `new`, in place."""
+    each old row back into `new`, in place. `old` is read only inside the loop, so a chunked
+    round passes its whole residual array once, after the chunks, instead of copying each
+    chunk's rows into the loop (bench case `round_topk1%_ef_8bit` with `chunk_size`)."""
     order = jnp.argsort(included)  # the rows to restore first (False sorts before True)
 
-    def restore(j, out):
+    def restore(j, carry):
+        out, norms = carry
         row = order[j]
-        return lax.dynamic_update_index_in_dim(
-            out, lax.dynamic_index_in_dim(old, row, keepdims=False).astype(out.dtype), row, 0
-        )
+        old_row = lax.dynamic_index_in_dim(old, row, keepdims=False).astype(out.dtype)
+        norm = jnp.sqrt(jnp.sum(old_row * old_row))
+        return lax.dynamic_update_index_in_dim(out, old_row, row, 0), norms.at[row].set(norm)
 
-    return lax.fori_loop(0, jnp.sum(~included), restore, new)
+    return lax.fori_loop(0, jnp.sum(~included), restore, (new, norms))
 
 
 # Column block and blocks per loop step of `row_norms` (bench case
@@ -179,12 +185,11 @@ def _finish(
     quantized: tuple[jax.Array, jax.Array, jax.Array],
     dense: jax.Array,
     new_residuals: jax.Array | None,
-    old_residuals: jax.Array | None,
 ) -> Encoded:
     """The encoders' common end: the payload, with an excluded client's rows zeros (they are
-    not counted either), the new residuals with an excluded client's old row kept
-    (`keep_old_residuals`) and their norms, and the report. Without error feedback
-    (`new_residuals is None`): no residuals, norms 0."""
+    not counted either), the new residuals and their norms, and the report. An excluded
+    client's row of the new residuals is not yet its old one (`encode` puts it back). Without
+    error feedback (`new_residuals is None`): no residuals, norms 0."""
     c = values.shape[0]
 
     def keep(a):
@@ -206,7 +211,6 @@ def _finish(
     )
     if new_residuals is None:
         return payload, None, ClientReport(included, jnp.zeros((c,), jnp.float32))
-    new_residuals = keep_old_residuals(new_residuals, old_residuals, included)
     with jax.named_scope("residual_norms"):
         norms = row_norms(new_residuals)
     return payload, new_residuals, ClientReport(included, norms)
@@ -265,7 +269,7 @@ def _encode_generic(
         ok_values &= finite_rows(new_residuals)
     included = finite & ok_values
     return _finish(config, layout, included, indices, values, (codes, minimum, maximum), dense,
-                   new_residuals, old_residuals)
+                   new_residuals)
 
 
 def _encode_own_range_dense(
@@ -293,7 +297,7 @@ def _encode_own_range_dense(
         new_residuals = acc - dequantize(q)
         included &= finite_rows(new_residuals)
     return _finish(config, layout, included, None, acc, (q.packed, q.minimum, q.maximum), dense,
-                   new_residuals, old_residuals)
+                   new_residuals)
 
 
 def _encode_top_k(
@@ -366,7 +370,7 @@ def _encode_top_k(
                     unseen, **scatter_options
                 )
     return _finish(config, layout, included, indices, values, (codes, minimum, maximum), dense,
-                   new_residuals, residuals)
+                   new_residuals)
 
 
 def encoder(config: CompressorConfig, layout: Layout) -> Callable[..., Encoded]:
@@ -386,7 +390,22 @@ def encode(
     client_ids: jax.Array,
     present: jax.Array,
     key: jax.Array,
+    restore: bool = True,
 ) -> Encoded:
     """Encodes a cohort chunk. flat float32 [C, d]; residuals [C, d_s] or None; present
-    bool [C] (False for padding rows)."""
-    return encoder(config, layout)(config, layout, flat, residuals, client_ids, present, key)
+    bool [C] (False for padding rows). With `restore=False` an excluded client's row of the
+    new residuals and its norm are left for the caller to restore (`restore_excluded`)."""
+    encoded = encoder(config, layout)(config, layout, flat, residuals, client_ids, present, key)
+    return restore_excluded(encoded, residuals) if restore else encoded
+
+
+def restore_excluded(encoded: Encoded, residuals: jax.Array | None) -> Encoded:
+    """`encode(..., restore=False)`'s result with every excluded client's old residual row
+    (from `residuals`, the rows it was encoded from) and its norm put back."""
+    payload, new_residuals, report = encoded
+    if new_residuals is None:
+        return encoded
+    new_residuals, norms = keep_old_residuals(
+        new_residuals, report.residual_norm, residuals, report.included
+    )
+    return payload, new_residuals, ClientReport(report.included, norms)

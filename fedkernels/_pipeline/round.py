@@ -17,7 +17,7 @@ from fedkernels._flatten import flatten
 from fedkernels._pipeline import aggregate as agg
 from fedkernels._pipeline.aggregate import AggregateSums
 from fedkernels._pipeline.config import CompressorConfig
-from fedkernels._pipeline.encode import ClientReport, encode
+from fedkernels._pipeline.encode import ClientReport, encode, restore_excluded
 from fedkernels._pipeline.layout import Layout
 
 
@@ -274,7 +274,7 @@ def round_flat(
     never exists when chunked)."""
     c = client_ids.shape[0]
 
-    def one_chunk(upd, res, ids, w, pres):
+    def one_chunk(upd, res, ids, w, pres, restore=True):
         what = "updates"
         if callable(upd):
             upd = upd(ids)
@@ -285,7 +285,7 @@ def round_flat(
                 f"{what} must give one row per client id: {ids.shape[0]} ids, got "
                 f"{flat.shape[0]} rows"
             )
-        payload, new_res, report = encode(config, layout, flat, res, ids, pres, key)
+        payload, new_res, report = encode(config, layout, flat, res, ids, pres, key, restore)
         with jax.named_scope("server_sums"):
             sums = agg.aggregate(config, layout, payload, w, report.included)
         return sums, new_res, report
@@ -311,8 +311,11 @@ def round_flat(
 
     def body(carry, x):
         upd = updates if callable(updates) else x["updates"]
+        # Excluded clients' old residual rows are put back once, after the chunks, from the
+        # whole residual array (`restore_excluded`): inside the loop that would copy each
+        # chunk's old rows out first.
         sums, new_res, report = one_chunk(
-            upd, x.get("residuals"), x["ids"], x["w"], x["present"]
+            upd, x.get("residuals"), x["ids"], x["w"], x["present"], restore=False
         )
         return agg.add_sums(carry, sums), (new_res, report)
 
@@ -322,7 +325,10 @@ def round_flat(
         return a.reshape(n * chunk_size, *a.shape[2:])[:c]
 
     new_res = None if new_res is None else unchunk(new_res)
-    return sums, new_res, ClientReport(*(unchunk(a) for a in report))
+    _, new_res, report = restore_excluded(
+        (None, new_res, ClientReport(*(unchunk(a) for a in report))), residuals
+    )
+    return sums, new_res, report
 
 
 def round_function(
