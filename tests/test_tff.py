@@ -178,6 +178,12 @@ class TestExecution:
     def test_top_k_against_numpy(self, top_k_process):
         values = _client_values(3, density=0.8)
         values[0]["b"][5] = values[0]["b"][6] = 9.0  # tie at the top: both kept
+        # Fewer than k nonzeros: a client zeroed (as TFF's zeroing_factory does) and one with
+        # two nonzeros. Their top-k pads with zeros, which must not count (the masked rule).
+        values[1] = collections.OrderedDict((key, np.zeros_like(v)) for key, v in values[1].items())
+        values[2]["b"][:] = 0
+        values[2]["a"][:] = 0
+        values[2]["a"][1, 2], values[2]["b"][3] = 5.0, -4.0
         k = 7
         flats = np.stack([_flat(v) for v in values]).astype(np.float64)
         sparse = np.zeros_like(flats)
@@ -285,6 +291,24 @@ class TestExecution:
             assert np.all(out["b"] == 0)
         else:  # clipped to norm 1e-3: each client's share is tiny
             assert np.max(np.abs(out["b"])) <= 1e-3
+
+    def test_zeroed_client_drops_out_of_top_k_mean(self):
+        """A client that TFF's zeroing_factory zeroes sends k zeros through top-k; they do not
+        count, so the mean is that of the other clients' top-k (the README's masked rule)."""
+        values = _client_values(13, density=1.0)
+        values[3] = collections.OrderedDict((key, v * 1e4) for key, v in values[3].items())
+        k = 7
+        factory = tff.aggregators.zeroing_factory(1e3, ft.top_k_factory(k=k))
+        process = factory.create(STRUCT_TYPE, WEIGHT_TYPE)
+        output = process.next(process.initialize(), values, WEIGHTS)
+        sparse = np.zeros((len(values), D + 6))
+        for c, value in enumerate(values[:3]):
+            row = _flat(value).astype(np.float64)
+            keep = np.argsort(-np.abs(row), kind="stable")[:k]
+            sparse[c, keep] = row[keep]
+        expected, _ = _masked_mean_reference(list(sparse), WEIGHTS)
+        assert output.measurements["zeroed_count"] == 1
+        np.testing.assert_allclose(_flat(output.result), expected, rtol=1e-6, atol=1e-7)
 
     def test_compression_aggregator(self):
         values = _client_values(10, density=1.0)

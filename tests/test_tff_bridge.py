@@ -66,6 +66,12 @@ def test_masked_mean_process():
 
 def test_top_k_process():
     values = _values(1, density=0.9)
+    # A zeroed client and one with two nonzeros: their top-k pads with zeros, which must
+    # not count (the masked rule).
+    values[3] = collections.OrderedDict((key, np.zeros_like(v)) for key, v in values[3].items())
+    values[2]["w"][:] = 0
+    values[2]["b"][:] = 0
+    values[2]["w"][1, 2], values[2]["b"][3] = 5.0, -4.0
     k = 12
     process = ft.TopKProcess(k=k)
     output = process.next(process.initialize(), values, WEIGHTS)

@@ -78,7 +78,7 @@ def keep_old_residuals(
     Written without a pass over the rows kept: a loop over the others (usually none) copies
     each old row back into `new`, in place. `old` is read only inside the loop, so a chunked
     round passes its whole residual array once, after the chunks, instead of copying each
-    chunk's rows into the loop (bench case `round_topk1%_ef_8bit` with `chunk_size`)."""
+    chunk's rows into the loop (bench case `chunked_round` of `--suite pipeline`)."""
     order = jnp.argsort(included)  # the rows to restore first (False sorts before True)
 
     def restore(j, carry):

@@ -122,8 +122,7 @@ def _top_k_round(stacked: Any, weights: jax.Array, k: int) -> tuple[Any, dict]:
     values, indices = fk.top_k(flat, k)
     acc_dtype = jnp.promote_types(flat.dtype, jnp.float32)
     w = weights.astype(acc_dtype)
-    total, weight_sum = fk.scatter_sum(values, indices, d, w)
-    contributions = jnp.sum((jnp.isfinite(values) & (w[:, None] > 0)).astype(jnp.int32))
+    total, weight_sum, contributions = kernels.sparse_sums(values, indices, d, w)
     mean = kernels.divide_no_nan(total, weight_sum).astype(flat.dtype)
     return unflatten(mean), kernels.contributor_summary(contributions, weight_sum)
 

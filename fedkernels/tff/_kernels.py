@@ -90,6 +90,22 @@ def top_k_with_feedback(
     return values, indices, jnp.where(sent, jnp.zeros_like(acc), acc)
 
 
+def sparse_sums(
+    values: jax.Array, indices: jax.Array, d: int, weights: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(numerator [d], denominator [d], contributions)` of clients' sparse updates
+    (`values`/`indices` `[C, k]`, distinct indices per client, `weights` `[C]`, >= 0): the
+    masked mean's rule, as `MaskedMeanFactory`: a value a client sends as exactly 0 (a zeroed
+    client's, or a row with fewer than k nonzeros) or as NaN/Inf does not count for that
+    client. Zeros become NaN, which `scatter_sum` leaves out of both sums."""
+    sent = jnp.isfinite(values) & (values != 0)
+    numerator, denominator = fk.scatter_sum(
+        jnp.where(sent, values, jnp.nan), indices, d, weights
+    )
+    contributions = jnp.sum((sent & (weights[:, None] > 0)).astype(jnp.int32))
+    return numerator, denominator, contributions
+
+
 def divide_no_nan(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """`numerator / denominator`, 0 where the denominator is 0 (as `fedkernels.masked_mean`)."""
     denominator = denominator.astype(numerator.dtype)

@@ -47,13 +47,11 @@ def _sparse_mean_computations(d: int, k: int, value_dtype: Any, weight_type: Any
         # A negative, NaN or infinite weight leaves this client out (see _valid_weight).
         ok = jnp.isfinite(w) & (w >= 0)
         w = jnp.where(ok, w, 0)
-        total, weight_sum = fk.scatter_sum(values[None], indices[None], d, w)
+        total, weight_sum, contributions = kernels.sparse_sums(values[None], indices[None], d, w)
         return collections.OrderedDict(
             numerator=acc["numerator"] + total,
             denominator=acc["denominator"] + weight_sum,
-            # distinct indices (top-k): each finite value of a positive-weight client counts
-            contributions=acc["contributions"]
-            + jnp.sum((jnp.isfinite(values) & (w > 0)).astype(jnp.int32)),
+            contributions=acc["contributions"] + contributions,
             invalid_weights=acc["invalid_weights"] + jnp.sum((~ok).astype(jnp.int32)),
         )
 
