@@ -310,6 +310,28 @@ class TestExecution:
         assert output.measurements["zeroed_count"] == 1
         np.testing.assert_allclose(_flat(output.result), expected, rtol=1e-6, atol=1e-7)
 
+    def test_top_k_float64_leaves_stay_float64(self):
+        """float64 leaves go through top-k and the sparse mean in float64 (JAX's x64 flag
+        off): 1e-300 survives; the float32 leaf stays float32; the bridge agrees."""
+        value_type = tff.StructWithPythonType(
+            [("w", tff.TensorType(np.float64, [3])), ("b", tff.TensorType(np.float32, [2]))],
+            collections.OrderedDict,
+        )
+        values = [
+            collections.OrderedDict(w=np.array([1e-300, 0.0, 2.0]), b=np.float32([1.0, 0.0])),
+            collections.OrderedDict(w=np.array([3e-300, 5.0, 2.0 + 2**-40]),
+                                    b=np.float32([0.0, 4.0])),
+        ]
+        process = ft.top_k_factory(k=4).create(value_type, WEIGHT_TYPE)
+        assert process.next.type_signature.result.result.member == value_type
+        result = process.next(process.initialize(), values, [1.0, 1.0]).result
+        bridge = ft.TopKProcess(k=4).next((), values, [1.0, 1.0]).result
+        for out in (result, bridge):
+            assert out["w"].dtype == np.float64 and out["b"].dtype == np.float32
+            # client 0 keeps w[0], w[2], b[0] (three nonzeros); client 1 drops b[0] = 0
+            np.testing.assert_allclose(out["w"], [2e-300, 5.0, 2.0 + 2**-41], rtol=1e-15, atol=0)
+            np.testing.assert_array_equal(out["b"], [1.0, 4.0])
+
     def test_compression_aggregator(self):
         values = _client_values(10, density=1.0)
         factory = ft.compression_aggregator()

@@ -149,3 +149,24 @@ def test_rejects_bad_client_values():
         process.next(process.initialize(), [], [])
     with pytest.raises(ValueError, match="one entry per client"):
         process.next(process.initialize(), _values(5), [1.0, 2.0])
+
+
+def test_float64_leaves_stay_float64_without_x64():
+    """A float64 leaf is aggregated and returned in float64 (JAX's x64 flag off, as TFF users
+    leave it): values near 1e-300 survive, which float32 would flush to 0."""
+    values = [
+        collections.OrderedDict(w=np.array([1e-300, 0.0, 2.0]), b=np.float32([1.0, 0.0])),
+        collections.OrderedDict(w=np.array([3e-300, 5.0, 2.0 + 2**-40]), b=np.float32([0.0, 4.0])),
+    ]
+    weights = np.array([1.0, 1.0], np.float32)
+    want_w = np.array([2e-300, 5.0, 2.0 + 2**-41])
+    for process in (ft.MaskedMeanProcess(), ft.TopKProcess(k=5),
+                    ft.ConcatProcess(ft.MaskedMeanProcess())):
+        result = process.next(process.initialize(), values, weights).result
+        assert result["w"].dtype == np.float64 and result["b"].dtype == np.float32
+        np.testing.assert_allclose(result["w"], want_w, rtol=1e-15, atol=0)
+        np.testing.assert_array_equal(result["b"], [1.0, 4.0])
+    quantize = ft.QuantizeSumProcess(threshold=5)  # both leaves below: summed exactly
+    total = quantize.next(quantize.initialize(), values).result
+    assert total["w"].dtype == np.float64
+    np.testing.assert_allclose(total["w"], [4e-300, 5.0, 4.0 + 2**-40], rtol=1e-15, atol=0)

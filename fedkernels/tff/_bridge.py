@@ -44,6 +44,12 @@ def _stack(client_values: Any) -> Any:
                                   *client_values)
 
 
+def _dtypes(tree: Any) -> list:
+    """The dtypes of a pytree's leaves (a float64 leaf runs the round in JAX's x64 mode,
+    `kernels.x64_for`)."""
+    return [np.asarray(x).dtype for x in jax.tree_util.tree_leaves(tree)]
+
+
 def _weights(weights: Any, num_clients: int) -> np.ndarray:
     """The client weights as float32 `[C]`; raises on a negative, NaN or infinite weight (the
     staged factories leave such a client out and count it in `invalid_weights`)."""
@@ -101,7 +107,8 @@ class MaskedMeanProcess:
         stacked = _stack(client_values)
         num_clients = len(client_values)
         w = _weights(weights, num_clients)
-        mean, stats = _masked_mean_round(stacked, w, self.count_contributors)
+        with kernels.x64_for(_dtypes(stacked)):
+            mean, stats = _masked_mean_round(stacked, w, self.count_contributors)
         mean = _to_numpy(mean)
         if not self.no_nan_division and not np.sum(w, dtype=np.float64) > 0:
             # as MeanFactory's division by a zero weight sum
@@ -148,7 +155,8 @@ class TopKProcess:
         d = sum(math.prod(x.shape[1:]) for x in leaves)
         flat_dtype = np.dtype(jnp.result_type(*leaves)) if leaves else np.dtype(np.float32)
         k = self.resolve_k(d)
-        mean, stats = _top_k_round(stacked, _weights(weights, len(client_values)), k)
+        with kernels.x64_for(_dtypes(stacked)):
+            mean, stats = _top_k_round(stacked, _weights(weights, len(client_values)), k)
         bytes_sent = k * (flat_dtype.itemsize + 4) + 4
         dense_bytes = d * flat_dtype.itemsize
         measurements = collections.OrderedDict(
@@ -191,9 +199,10 @@ class QuantizeSumProcess:
         leaves = jax.tree_util.tree_leaves(stacked)
         sizes = [math.prod(x.shape[1:]) for x in leaves]
         flags = tuple(n > self.threshold for n in sizes)
-        total = _quantize_round(
-            stacked, jnp.int32(state["seed"]), jnp.int32(state["round"]), self.bits, flags
-        )
+        with kernels.x64_for(_dtypes(stacked)):
+            total = _quantize_round(
+                stacked, jnp.int32(state["seed"]), jnp.int32(state["round"]), self.bits, flags
+            )
         bytes_sent = sum(
             (fk._quantize.packed_words(n, self.bits) * 4 + 8) if flag else n * x.dtype.itemsize
             for n, x, flag in zip(sizes, leaves, flags, strict=True)
@@ -221,11 +230,13 @@ class ConcatProcess:
 
     def next(self, state: Any, client_values: Any, *weights: Any) -> MeasuredOutput:
         flats, unflatten = [], None
-        for value in client_values:
-            flat, unflatten = fk.flatten(value)
-            flats.append(np.asarray(flat))
+        with kernels.x64_for(_dtypes(client_values)):
+            for value in client_values:
+                flat, unflatten = fk.flatten(value)
+                flats.append(np.asarray(flat))
         output = self.inner.next(state, flats, *weights)
-        result = _to_numpy(unflatten(jnp.asarray(output.result)))
+        with kernels.x64_for([np.asarray(output.result).dtype]):
+            result = _to_numpy(unflatten(jnp.asarray(output.result)))
         return MeasuredOutput(output.state, result, output.measurements)
 
 

@@ -66,7 +66,7 @@ def error_feedback_encoder(value_type: Any, *, k: int | None = None,
             flat, _ = fk.flatten(update, dtype=layout.flat_dtype)
             return kernels.top_k_with_feedback(flat, residual, k)
 
-        return staged(fn)(update, residual)
+        return staged(fn, layout.x64)(update, residual)
 
     encode.d, encode.k = layout.d, k
     return encode
@@ -110,7 +110,7 @@ class ErrorFeedbackRound:
                 flat, _ = fk.flatten(model, dtype=layout.flat_dtype)
                 return layout.unflatten(flat + (rate * mean).astype(flat.dtype))
 
-            return staged(fn)(model, mean)
+            return staged(fn, layout.x64)(model, mean)
 
         @tff.federated_computation(
             tff.FederatedType(model_type, tff.SERVER),

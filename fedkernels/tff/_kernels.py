@@ -17,7 +17,9 @@ float32 sums at length 200. `lax.associative_scan` is correct, so `ascending` be
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -29,6 +31,18 @@ from fedkernels._pipeline.config import check_top_k_arguments
 from fedkernels._pipeline.layout import top_k_size
 
 _K_NAMES = ("fraction", "k")  # the adapters' names of the core's `fraction` and `count`
+
+
+def x64_for(dtypes: Iterable[Any]) -> contextlib.AbstractContextManager:
+    """JAX's 64-bit mode while tracing when any of `dtypes` is float64 (else nothing), so a
+    float64 leaf is computed and returned in float64 whatever the user's x64 flag says.
+    (`jax.enable_x64` on newer jax, `jax.experimental.enable_x64` on jax 0.4.)"""
+    if not any(jnp.dtype(t) == jnp.float64 for t in dtypes):
+        return contextlib.nullcontext()
+    enable = getattr(jax, "enable_x64", None)
+    if enable is None:
+        from jax.experimental import enable_x64 as enable
+    return enable(True)
 
 
 def check_k(k: Any, fraction: Any) -> None:
@@ -102,7 +116,7 @@ def sparse_sums(
     numerator, denominator = fk.scatter_sum(
         jnp.where(sent, values, jnp.nan), indices, d, weights
     )
-    contributions = jnp.sum((sent & (weights[:, None] > 0)).astype(jnp.int32))
+    contributions = jnp.sum(sent & (weights[:, None] > 0), dtype=jnp.int32)
     return numerator, denominator, contributions
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 import fedkernels as fk
 from fedkernels.tff import _deps
+from fedkernels.tff import _kernels as kernels
 
 tf = _deps.tf()
 tff = _deps.tff()
@@ -34,9 +35,20 @@ _deps.stop_local_workers_at_exit()
 _INDEX_BYTES = 4  # int32 indices
 
 
-def staged(fn: Any) -> Any:
-    """`fn` (a JAX function) as a TensorFlow function that TFF's worker can execute."""
-    return jax2tf.convert(fn, native_serialization=False, enable_xla=False, with_gradient=False)
+def staged(fn: Any, x64: bool = False) -> Any:
+    """`fn` (a JAX function) as a TensorFlow function that TFF's worker can execute; with
+    `x64`, traced in JAX's 64-bit mode (for float64 values, `_Layout.x64`)."""
+    converted = jax2tf.convert(
+        fn, native_serialization=False, enable_xla=False, with_gradient=False
+    )
+    if not x64:
+        return converted
+
+    def run(*args: Any) -> Any:
+        with kernels.x64_for([np.float64]):
+            return converted(*args)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,8 +98,12 @@ class _Layout:
         self.shapes = [tuple(int(n) for n in s.shape) for s in leaves]
         self.dtypes = [np.dtype(s.dtype.as_numpy_dtype) for s in leaves]
         self.sizes = [math.prod(s) for s in self.shapes]
+        # A float64 leaf makes the flat vector float64: its JAX steps then run in 64-bit mode
+        # (`staged(..., x64=True)`), whatever the user's x64 flag says.
+        self.x64 = any(t == np.float64 for t in self.dtypes)
         zeros = [np.zeros(s, t) for s, t in zip(self.shapes, self.dtypes, strict=True)]
-        _, self.unflatten = fk.flatten(jax.tree_util.tree_unflatten(self.treedef, zeros))
+        with kernels.x64_for(self.dtypes):
+            _, self.unflatten = fk.flatten(jax.tree_util.tree_unflatten(self.treedef, zeros))
         self.d = self.unflatten.size
         self.flat_dtype = np.dtype(self.unflatten.flat_dtype)
         self.flat_type = tff.TensorType(self.flat_dtype, [self.d])

@@ -24,7 +24,9 @@ from fedkernels.tff._staging import (
 
 def _sparse_mean_computations(d: int, k: int, value_dtype: Any, weight_type: Any) -> dict:
     """The server side of sparse masked averaging: `federated_aggregate` pieces over `(values
-    float[k], indices int32[k], weight)` that scatter-add into dense accumulators."""
+    float[k], indices int32[k], weight)` that scatter-add into dense accumulators (float64
+    values in float64: JAX's steps then run in 64-bit mode)."""
+    x64 = np.dtype(value_dtype) == np.float64
     acc_dtype = np.dtype(jnp.promote_types(value_dtype, jnp.float32))
     encoded_type = tff.StructWithPythonType(
         [tff.TensorType(value_dtype, [k]), tff.TensorType(np.int32, [k]), weight_type], tuple
@@ -52,12 +54,12 @@ def _sparse_mean_computations(d: int, k: int, value_dtype: Any, weight_type: Any
             numerator=acc["numerator"] + total,
             denominator=acc["denominator"] + weight_sum,
             contributions=acc["contributions"] + contributions,
-            invalid_weights=acc["invalid_weights"] + jnp.sum((~ok).astype(jnp.int32)),
+            invalid_weights=acc["invalid_weights"] + jnp.sum(~ok, dtype=jnp.int32),
         )
 
     @tff.tensorflow.computation(accumulator_type, encoded_type)
     def accumulate_fn(acc, encoded):
-        return staged(accumulate)(acc, encoded)
+        return staged(accumulate, x64)(acc, encoded)
 
     @tff.tensorflow.computation(accumulator_type, accumulator_type)
     def merge_fn(a, b):
@@ -93,6 +95,7 @@ def _sparse_mean_process(
     mean, `unflatten`ed if given. Measurements: `static_measurements()` (server values) if
     given, then `invalid_weights` and `contributors`. State: `()`."""
     pieces = _sparse_mean_computations(d, k, value_dtype, weight_type)
+    x64 = np.dtype(value_dtype) == np.float64
 
     @tff.tensorflow.computation(pieces["accumulator_type"])
     def finish(acc):
@@ -103,7 +106,7 @@ def _sparse_mean_process(
                 mean = unflatten(mean)
             return mean, summary, acc["invalid_weights"]
 
-        return staged(fn)(acc)
+        return staged(fn, x64)(acc)
 
     @tff.federated_computation()
     def init_fn():
@@ -207,7 +210,7 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
                 values, indices = kernels.top_k_unsorted(flat, k)
                 return values, indices, weight
 
-            return staged(encode)(value, weight)
+            return staged(encode, layout.x64)(value, weight)
 
         return _sparse_mean_process(
             d, k, layout.flat_dtype, weight_type, value_type, encode_fn,
@@ -224,7 +227,7 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
                 values, indices = kernels.top_k_unsorted(flat, k)
                 return layout.unflatten(fk.scatter(values, indices, layout.d))
 
-            return staged(fn)(value)
+            return staged(fn, layout.x64)(value)
 
         @tff.federated_computation(
             inner.initialize.type_signature.result,
