@@ -311,6 +311,19 @@ def test_shared_range_commutes_with_the_sum(top_k):
         assert np.max(np.abs(singles - clipped)) <= 2 / 15 + 1e-6
 
 
+def test_random_k_masked_mean_averages_the_senders():
+    """Random-k without error feedback scales by d_s/k only for the plain mean: the masked
+    mean divides by the weight of the clients that sent each coordinate, so identical clients
+    give back their update wherever any sent it (it was d_s/k times too large)."""
+    x = jnp.arange(1, 101, dtype=jnp.float32)
+    comp = fk.compressor({"w": jnp.zeros(100)}, top_k_fraction=0.1, random_k=True,
+                         aggregation="masked_mean", dense_threshold=0)
+    mean = np.asarray(comp.round({"w": jnp.tile(x, (8, 1))}, KEY).mean["w"])
+    sent = mean != 0
+    assert 10 <= sent.sum() <= 80  # 8 clients x 10 random coordinates
+    np.testing.assert_allclose(mean[sent], np.asarray(x)[sent], rtol=1e-6)
+
+
 def test_random_k_is_unbiased():
     template = {"w": jnp.zeros((200,))}
     x = jax.random.normal(KEY, (2, 200))

@@ -253,8 +253,10 @@ def _encode_generic(
         # k uniform-random coordinates, no repeats: the k largest of uniform scores.
         indices = _top_k_indices(scores, k, "auto", config.radix).astype(jnp.int32)
         values = jnp.take_along_axis(acc_safe, indices, axis=1)
-        if not config.error_feedback:
-            values = values * jnp.float32(d_s / k)  # unbiased: E[sent] = acc
+        if not config.error_feedback and config.aggregation == "mean":
+            # Unbiased: E[sent] = acc. The masked mean divides by the senders' weight instead,
+            # which already accounts for the sampling.
+            values = values * jnp.float32(d_s / k)
 
     codes, minimum, maximum, decoded = quantize_values(config, values, client_ids, key)
 
