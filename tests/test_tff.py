@@ -361,6 +361,10 @@ class TestNumpyBridge:
         assert output.measurements["contributors"] == pytest.approx(
             dict(staged.measurements["contributors"])
         )
+        # the same names in the same order as the staged factory's measurement
+        assert list(output.measurements["contributors"]) == list(
+            staged.measurements["contributors"]
+        )
 
     def test_top_k(self, top_k_process):
         values = _client_values(12, density=0.9)

@@ -60,6 +60,7 @@ def test_masked_mean_process():
     assert (stats["min"], stats["max"], stats["uncovered"]) == (
         counts.min(), counts.max(), np.sum(counts == 0)
     )
+    assert list(stats) == ["mean", "uncovered", "min", "max"]  # the staged factory's order
     np.testing.assert_allclose(stats["mean"], counts.mean(), rtol=1e-6)
     assert output.measurements["num_clients"] == C
 

@@ -69,6 +69,13 @@ def _to_numpy(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
+def _summary(stats: dict) -> collections.OrderedDict:
+    """`contributors` as numpy values in the staged factory's order (mean, uncovered, then min
+    and max when counted); `jax.jit` returns a dict's keys sorted."""
+    names = [n for n in ("mean", "uncovered", "min", "max") if n in stats]
+    return collections.OrderedDict((n, np.asarray(stats[n])) for n in names)
+
+
 @functools.partial(jax.jit, static_argnames=("per_coordinate",))
 def _masked_mean_round(stacked: Any, weights: jax.Array, per_coordinate: bool) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
@@ -115,7 +122,7 @@ class MaskedMeanProcess:
             mean = jax.tree_util.tree_map(lambda m: np.full_like(m, np.nan), mean)
         measurements = collections.OrderedDict(
             mean_value=(), mean_weight=(), num_clients=np.int32(num_clients),
-            invalid_weights=np.int32(0), contributors=_to_numpy(stats),
+            invalid_weights=np.int32(0), contributors=_summary(stats),
         )
         return MeasuredOutput(state, mean, measurements)
 
@@ -163,7 +170,7 @@ class TopKProcess:
             bytes_sent=np.int64(bytes_sent),
             dense_bytes=np.int64(dense_bytes),
             compression_ratio=np.float32(dense_bytes / bytes_sent),
-            contributors=_to_numpy(stats),
+            contributors=_summary(stats),
         )
         return MeasuredOutput(state, _to_numpy(mean), measurements)
 
