@@ -48,7 +48,8 @@ def masked_sum(
 
     Args:
       x: float `[C, ...]`; axis 0 is the client axis.
-      weights: optional `[C]`, finite and >= 0 (checked when concrete). None means 1 each.
+      weights: optional `[C]`, finite and >= 0 (checked when concrete; under `jit` a
+        negative, NaN or Inf weight counts as 0). None means 1 each.
       mask: optional bool `[C, ...]`; default `x != 0` (a client "sent" a coordinate when its
         value there is nonzero, as after top-k sparsification).
 
@@ -302,7 +303,8 @@ def masked_mean(x: Any, weights: Any = None, mask: Any = None) -> jax.Array:
 
     Args:
       x: float `[C, ...]`.
-      weights: optional `[C]`, finite and >= 0; zero-weight clients never contribute.
+      weights: optional `[C]`, finite and >= 0 (as `masked_sum`); zero-weight clients never
+        contribute; only their ratios matter (tiny weights are scaled up, exactly).
       mask: optional bool `[C, ...]`, default `x != 0`.
 
     Returns:
@@ -326,7 +328,13 @@ def masked_mean(x: Any, weights: Any = None, mask: Any = None) -> jax.Array:
     num_clients, out_shape = x.shape[0], x.shape[1:]
     if num_clients == 0 or math.prod(out_shape) == 0:
         return jnp.zeros(out_shape, x.dtype)
-    weights = None if weights is None else weights.astype(acc_dtype)
+    if weights is not None:
+        # Weights matter only relative to each other: tiny ones are scaled up by a power of
+        # two (exact) until the largest is in [1/2, 1), so their products with `x` do not
+        # underflow to 0. Larger weights are left as they are (overflow has its own repair).
+        weights = weights.astype(acc_dtype)
+        _, exponent = jnp.frexp(jnp.max(weights))
+        weights = jnp.ldexp(weights, -jnp.minimum(exponent, 0))
 
     def finish(numerator, denominator):
         denominator = denominator.astype(acc_dtype)

@@ -123,7 +123,8 @@ def scatter_sum(
       values: float `[C, k]`, client c's sent values.
       indices: int `[C, k]`, their coordinates in `[0, d)`.
       d: static int, the dense length.
-      weights: optional float `[C]`, finite and >= 0 (checked when concrete).
+      weights: optional float `[C]`, finite and >= 0 (checked when concrete; under `jit` a
+        negative, NaN or Inf weight counts as 0).
       checked: as in `scatter`.
 
     Returns:

@@ -108,7 +108,9 @@ def in_range(indices: jax.Array, n: int) -> jax.Array:
 
 
 def weights_vector(name: str, weights: Any, num_clients: int) -> jax.Array:
-    """Client weights: float[C], finite and >= 0 (checked when concrete)."""
+    """Client weights: float[C], finite and >= 0. Checked when concrete (ValueError); under
+    `jit`/`vmap` a negative, NaN or infinite weight counts as 0, so that client contributes
+    nothing and the others' result stays as without it."""
     arr = as_array(name, weights)
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
@@ -123,4 +125,8 @@ def weights_vector(name: str, weights: Any, num_clients: int) -> jax.Array:
             raise ValueError(f"{name} must be finite, got {host[~np.isfinite(host)][0]}")
         if np.any(host < 0):
             raise ValueError(f"{name} must be >= 0, got {host[host < 0][0]}")
-    return arr
+        return arr
+    valid = arr >= 0
+    if jnp.issubdtype(arr.dtype, jnp.floating):
+        valid &= jnp.isfinite(arr)
+    return jnp.where(valid, arr, jnp.zeros_like(arr))

@@ -300,3 +300,33 @@ def test_bfloat16_near_its_range_gives_the_mean():
     mean = fk.masked_mean(x)
     assert mean.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(mean, np.float32), np.asarray(x[0], np.float32))
+
+
+def test_tiny_weights_give_the_mean():
+    """Weights matter only relative to each other: tiny normal weights (whose products with x
+    are subnormal, which XLA:CPU flushes to 0) give the same mean as weights of 1."""
+    x = jnp.array([[0.5, 4.0, 1e-10], [0.5, 0.0, 3e-10]])
+    for w in (2e-38, 1e-30):
+        got = fk.masked_mean(x, weights=jnp.array([w, w]))
+        np.testing.assert_allclose(got, fk.masked_mean(x), rtol=1e-6)
+    got = fk.masked_mean(x, weights=jnp.array([1e-30, 3e-30]))
+    np.testing.assert_allclose(got, [0.5, 4.0, 2.5e-10], rtol=1e-6)
+
+
+def test_invalid_weights_under_jit_count_as_zero():
+    """Under jit weights are not checked (not concrete): a negative, NaN or Inf weight counts as
+    0 in masked_mean, masked_sum and scatter_sum, so the other clients' result is unchanged."""
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
+    indices = jnp.array([[0, 1], [1, 2], [2, 0]])
+    zero = jnp.array([1.0, 0.0, 2.0])
+    for bad in (jnp.nan, jnp.inf, -jnp.inf, -1.0):
+        w = jnp.array([1.0, bad, 2.0])
+        for fn in (
+            lambda w: fk.masked_mean(x, weights=w),
+            lambda w: fk.masked_sum(x, weights=w),
+            lambda w: fk.scatter_sum(x, indices, 3, weights=w),
+        ):
+            got, want = jax.jit(fn)(w), fn(zero)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
+                            strict=True):
+                np.testing.assert_array_equal(a, b)

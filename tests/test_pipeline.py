@@ -311,6 +311,18 @@ def test_shared_range_commutes_with_the_sum(top_k):
         assert np.max(np.abs(singles - clipped)) <= 2 / 15 + 1e-6
 
 
+def test_invalid_weights_under_jit_count_as_zero():
+    """Under jit the round's weights are not checked: a negative, NaN or Inf weight counts as
+    0 (never a NaN mean), as if the client had weight 0."""
+    comp = fk.compressor({"w": jnp.zeros(200)}, top_k_fraction=0.1, bits=8)
+    updates = {"w": jax.random.normal(jax.random.PRNGKey(1), (3, 200))}
+    run = jax.jit(lambda w: comp.round(updates, KEY, weights=w).mean["w"])
+    want = run(jnp.array([1.0, 0.0, 2.0]))
+    assert bool(jnp.all(jnp.isfinite(want))) and bool(jnp.any(want != 0))
+    for bad in (jnp.nan, jnp.inf, -1.0):
+        np.testing.assert_array_equal(run(jnp.array([1.0, bad, 2.0])), want)
+
+
 def test_random_k_masked_mean_averages_the_senders():
     """Random-k without error feedback scales by d_s/k only for the plain mean: the masked
     mean divides by the weight of the clients that sent each coordinate, so identical clients

@@ -165,7 +165,8 @@ class Compressor:
           key: a `jax.random` key.
           client_ids: int `[C]` or None (`arange(C)`).
           residuals: float32 `[C, d_s]` with error feedback, else None.
-          weights: float `[C]`, finite and >= 0, or None (all 1).
+          weights: float `[C]`, finite and >= 0, or None (all 1). Checked when concrete;
+            under `jit` a negative, NaN or Inf weight counts as 0.
           chunk_size: clients per step of a `lax.scan` over the cohort, or None (all at once).
           mesh: a one-axis `jax.sharding.Mesh` over which the cohort is sharded
             (`fedkernels.client_mesh()`), or None.
@@ -244,11 +245,12 @@ def compressor(template: Any, /, **options: Any) -> Compressor:
     select k coordinates of the sparse segment (leaves with more than `dense_threshold`
     elements): top-k by magnitude (ties to the lower index), or k uniformly random ones
     (random-k, values scaled by d_s/k when error feedback is off and `aggregation="mean"`, so
-    the sent update is unbiased; the masked mean averages the senders); quantize the k values to `bits` bits with the client's own [min, max] (or the
-    shared range); bit-pack codes and indices (ceil(log2 d_s) bits each). The dense segment is
-    sent as float32. With error feedback the new residual is `acc - decoded(sent)` (selection
-    and quantization error), so `scatter(decoded) + new_residual == acc` up to float32
-    rounding (exactly when `bits` is None). Randomness is `fold_in(key, client_id)`.
+    the sent update is unbiased; the masked mean averages the senders); quantize the k values
+    to `bits` bits with the client's own [min, max] (or the shared range); bit-pack codes and
+    indices (ceil(log2 d_s) bits each). The dense segment is sent as float32. With error
+    feedback the new residual is `acc - decoded(sent)` (selection and quantization error), so
+    `scatter(decoded) + new_residual == acc` up to float32 rounding (exactly when `bits` is
+    None). Randomness is `fold_in(key, client_id)`.
 
     Server: unpack, dequantize, `scatter_sum` weighted by the client weights, then
     `aggregation="mean"`: divide by the summed weight of included clients (FedAvg: an

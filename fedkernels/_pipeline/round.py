@@ -215,7 +215,8 @@ def check_included(included: Any, c: int) -> jax.Array:
 
 
 def check_weights(config: CompressorConfig, weights: Any, c: int) -> jax.Array:
-    """float32 [C], finite and >= 0 (checked when concrete); None: ones."""
+    """float32 [C], finite and >= 0 (checked when concrete; under jit an invalid weight counts
+    as 0); None: ones."""
     if weights is None:
         return jnp.ones((c,), jnp.float32)
     if config.shared_range is not None:
