@@ -296,6 +296,7 @@ def compressor(template: Any, /, **options: Any) -> Compressor:
         result.
       flat_index_limit: largest `C * d_s` whose positions are indexed as one flat int32
         vector (faster on CPU); larger cohorts index in 2-D. The default is int32's limit.
+        A round with `chunk_size` indexes its chunks in 2-D whatever the limit.
 
     Returns:
       A `Compressor` with `config`, `layout` (sizes, `payload_bytes`, `compression_ratio`)

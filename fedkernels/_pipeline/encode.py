@@ -79,7 +79,9 @@ def keep_old_residuals(
     each old row back into `new`, in place. `old` is read only inside the loop, so a chunked
     round passes its whole residual array once, after the chunks, instead of copying each
     chunk's rows into the loop (bench case `chunked_round` of `--suite pipeline`)."""
-    order = jnp.argsort(included)  # the rows to restore first (False sorts before True)
+    # The excluded rows first. Not `argsort(included)`: inside `shard_map` on jax 0.4.30 it
+    # gave wrong rows on every device but the first (tests/test_pipeline.py, sharded test).
+    order = jnp.nonzero(~included, size=included.shape[0], fill_value=0)[0]
 
     def restore(j, carry):
         out, norms = carry
