@@ -319,14 +319,13 @@ def test_invalid_weights_under_jit_count_as_zero():
     x = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
     indices = jnp.array([[0, 1], [1, 2], [2, 0]])
     zero = jnp.array([1.0, 0.0, 2.0])
-    for bad in (jnp.nan, jnp.inf, -jnp.inf, -1.0):
-        w = jnp.array([1.0, bad, 2.0])
-        for fn in (
-            lambda w: fk.masked_mean(x, weights=w),
-            lambda w: fk.masked_sum(x, weights=w),
-            lambda w: fk.scatter_sum(x, indices, 3, weights=w),
-        ):
-            got, want = jax.jit(fn)(w), fn(zero)
-            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
-                            strict=True):
+    for fn in (
+        lambda w: fk.masked_mean(x, weights=w),
+        lambda w: fk.masked_sum(x, weights=w),
+        lambda w: fk.scatter_sum(x, indices, 3, weights=w),
+    ):
+        jitted, want = jax.jit(fn), jax.tree_util.tree_leaves(fn(zero))
+        for bad in (jnp.nan, jnp.inf, -jnp.inf, -1.0):
+            got = jax.tree_util.tree_leaves(jitted(jnp.array([1.0, bad, 2.0])))
+            for a, b in zip(got, want, strict=True):
                 np.testing.assert_array_equal(a, b)
