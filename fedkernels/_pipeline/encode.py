@@ -9,7 +9,7 @@ end in `_finish`, which zeroes an excluded client's payload and keeps its old re
 - A client is *included* when it is present (not padding) and its `acc`, its dense segment
   and its decoded values are finite (`finite_rows`); otherwise it uploads nothing.
 - Full error feedback: the new residual is `acc - decoded(sent)` (selection and
-  quantization error), and an excluded client keeps its old residual (`keep_old_residuals`):
+  quantization error), and an excluded client keeps its old residual (`restore_excluded`):
   nothing was sent, nothing is lost.
 """
 
@@ -69,16 +69,21 @@ def finite_rows(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x), axis=1)
 
 
-def keep_old_residuals(
-    new: jax.Array, norms: jax.Array, old: jax.Array, included: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """`(where(included[:, None], new, old), norms)` with an excluded client's norm that of its
-    old row: an excluded client keeps its old residual.
+def restore_excluded(
+    new_residuals: jax.Array | None, report: ClientReport, residuals: jax.Array | None
+) -> tuple[jax.Array | None, ClientReport]:
+    """`(new_residuals, report)` with every excluded client's old residual row (from
+    `residuals`, the rows it was encoded from) and its norm put back: an excluded client keeps
+    its old residual. Without error feedback (`new_residuals is None`): unchanged.
 
     Written without a pass over the rows kept: a loop over the others (usually none) copies
-    each old row back into `new`, in place. `old` is read only inside the loop, so a chunked
-    round passes its whole residual array once, after the chunks, instead of copying each
-    chunk's rows into the loop (bench case `chunked_round` of `--suite pipeline`)."""
+    each old row back into `new_residuals`, in place. `residuals` is read only inside the
+    loop, so a chunked round passes its whole residual array once, after the chunks, instead
+    of copying each chunk's rows into the loop (bench case `chunked_round` of `--suite
+    pipeline`)."""
+    if new_residuals is None:
+        return new_residuals, report
+    included = report.included
     # The excluded rows first. Not `argsort(included)`: inside `shard_map` on jax 0.4.30 it
     # gave wrong rows on every device but the first (tests/test_pipeline.py, sharded test).
     order = jnp.nonzero(~included, size=included.shape[0], fill_value=0)[0]
@@ -86,11 +91,14 @@ def keep_old_residuals(
     def restore(j, carry):
         out, norms = carry
         row = order[j]
-        old_row = lax.dynamic_index_in_dim(old, row, keepdims=False).astype(out.dtype)
+        old_row = lax.dynamic_index_in_dim(residuals, row, keepdims=False).astype(out.dtype)
         norm = jnp.sqrt(jnp.sum(old_row * old_row))
         return lax.dynamic_update_index_in_dim(out, old_row, row, 0), norms.at[row].set(norm)
 
-    return lax.fori_loop(0, jnp.sum(~included), restore, (new, norms))
+    new_residuals, norms = lax.fori_loop(
+        0, jnp.sum(~included), restore, (new_residuals, report.residual_norm)
+    )
+    return new_residuals, ClientReport(included, norms)
 
 
 # Column block and blocks per loop step of `row_norms` (bench case
@@ -399,17 +407,9 @@ def encode(
     """Encodes a cohort chunk. flat float32 [C, d]; residuals [C, d_s] or None; present
     bool [C] (False for padding rows). With `restore=False` an excluded client's row of the
     new residuals and its norm are left for the caller to restore (`restore_excluded`)."""
-    encoded = encoder(config, layout)(config, layout, flat, residuals, client_ids, present, key)
-    return restore_excluded(encoded, residuals) if restore else encoded
-
-
-def restore_excluded(encoded: Encoded, residuals: jax.Array | None) -> Encoded:
-    """`encode(..., restore=False)`'s result with every excluded client's old residual row
-    (from `residuals`, the rows it was encoded from) and its norm put back."""
-    payload, new_residuals, report = encoded
-    if new_residuals is None:
-        return encoded
-    new_residuals, norms = keep_old_residuals(
-        new_residuals, report.residual_norm, residuals, report.included
+    payload, new_residuals, report = encoder(config, layout)(
+        config, layout, flat, residuals, client_ids, present, key
     )
-    return payload, new_residuals, ClientReport(report.included, norms)
+    if restore:
+        new_residuals, report = restore_excluded(new_residuals, report, residuals)
+    return payload, new_residuals, report

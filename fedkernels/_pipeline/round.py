@@ -330,8 +330,8 @@ def round_flat(
         return a.reshape(n * chunk_size, *a.shape[2:])[:c]
 
     new_res = None if new_res is None else unchunk(new_res)
-    _, new_res, report = restore_excluded(
-        (None, new_res, ClientReport(*(unchunk(a) for a in report))), residuals
+    new_res, report = restore_excluded(
+        new_res, ClientReport(*(unchunk(a) for a in report)), residuals
     )
     return sums, new_res, report
 

@@ -33,16 +33,21 @@ from fedkernels._pipeline.layout import top_k_size
 _K_NAMES = ("fraction", "k")  # the adapters' names of the core's `fraction` and `count`
 
 
-def x64_for(dtypes: Iterable[Any]) -> contextlib.AbstractContextManager:
-    """JAX's 64-bit mode while tracing when any of `dtypes` is float64 (else nothing), so a
-    float64 leaf is computed and returned in float64 whatever the user's x64 flag says.
-    (`jax.enable_x64` on newer jax, `jax.experimental.enable_x64` on jax 0.4.)"""
-    if not any(jnp.dtype(t) == jnp.float64 for t in dtypes):
-        return contextlib.nullcontext()
+def enable_x64() -> contextlib.AbstractContextManager:
+    """JAX's 64-bit mode while tracing, whatever the user's x64 flag says (`jax.enable_x64` on
+    newer jax, `jax.experimental.enable_x64` on jax 0.4)."""
     enable = getattr(jax, "enable_x64", None)
     if enable is None:
         from jax.experimental import enable_x64 as enable
     return enable(True)
+
+
+def x64_for(dtypes: Iterable[Any]) -> contextlib.AbstractContextManager:
+    """`enable_x64()` when any of `dtypes` is float64, else nothing: a float64 leaf is
+    computed and returned in float64."""
+    if any(jnp.dtype(t) == jnp.float64 for t in dtypes):
+        return enable_x64()
+    return contextlib.nullcontext()
 
 
 def check_k(k: Any, fraction: Any) -> None:

@@ -45,7 +45,7 @@ def staged(fn: Any, x64: bool = False) -> Any:
         return converted
 
     def run(*args: Any) -> Any:
-        with kernels.x64_for([np.float64]):
+        with kernels.enable_x64():
             return converted(*args)
 
     return run
@@ -98,14 +98,14 @@ class _Layout:
         self.shapes = [tuple(int(n) for n in s.shape) for s in leaves]
         self.dtypes = [np.dtype(s.dtype.as_numpy_dtype) for s in leaves]
         self.sizes = [math.prod(s) for s in self.shapes]
-        # A float64 leaf makes the flat vector float64: its JAX steps then run in 64-bit mode
-        # (`staged(..., x64=True)`), whatever the user's x64 flag says.
-        self.x64 = any(t == np.float64 for t in self.dtypes)
         zeros = [np.zeros(s, t) for s, t in zip(self.shapes, self.dtypes, strict=True)]
         with kernels.x64_for(self.dtypes):
             _, self.unflatten = fk.flatten(jax.tree_util.tree_unflatten(self.treedef, zeros))
         self.d = self.unflatten.size
         self.flat_dtype = np.dtype(self.unflatten.flat_dtype)
+        # A float64 leaf makes the flat vector float64: its JAX steps then run in 64-bit mode
+        # (`staged(..., x64=True)`), whatever the user's x64 flag says.
+        self.x64 = self.flat_dtype == np.float64
         self.flat_type = tff.TensorType(self.flat_dtype, [self.d])
 
 

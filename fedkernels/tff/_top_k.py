@@ -76,6 +76,7 @@ def _sparse_mean_computations(d: int, k: int, value_dtype: Any, weight_type: Any
         merge_fn=merge_fn,
         report_fn=report_fn,
         accumulator_type=accumulator_type,
+        x64=x64,
     )
 
 
@@ -95,7 +96,6 @@ def _sparse_mean_process(
     mean, `unflatten`ed if given. Measurements: `static_measurements()` (server values) if
     given, then `invalid_weights` and `contributors`. State: `()`."""
     pieces = _sparse_mean_computations(d, k, value_dtype, weight_type)
-    x64 = np.dtype(value_dtype) == np.float64
 
     @tff.tensorflow.computation(pieces["accumulator_type"])
     def finish(acc):
@@ -106,7 +106,7 @@ def _sparse_mean_process(
                 mean = unflatten(mean)
             return mean, summary, acc["invalid_weights"]
 
-        return staged(fn, x64)(acc)
+        return staged(fn, pieces["x64"])(acc)
 
     @tff.federated_computation()
     def init_fn():
