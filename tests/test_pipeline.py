@@ -393,6 +393,42 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
         raising.round(updates, KEY, residuals=residuals)
 
 
+def test_zero_weight_client_counts_nowhere_and_keeps_its_residual(any_selection):
+    """A client of weight 0 (or, under jit, an invalid weight) adds nothing to the mean, so
+    what it encoded did not reach the server: it keeps its old residual (error feedback would
+    otherwise drop its selected coordinates for good) and is no contributor. The round equals
+    the one over the positive-weight clients alone (same ids, so the same draws)."""
+    c = 4
+    updates = make_updates(c)
+    residuals = jnp.asarray(np.random.default_rng(5).normal(size=(c, D_SPARSE)), jnp.float32)
+    ids = jnp.array([7, 3, 5, 9])
+    comp = fk.compressor(TEMPLATE, **any_selection, **EF8)
+    weights = jnp.array([1.0, 0.0, 2.0, 0.0])
+    kept = np.array([0, 2])
+    alone = comp.round(jax.tree_util.tree_map(lambda a: a[kept], updates), KEY,
+                       client_ids=ids[kept], residuals=residuals[kept], weights=weights[kept])
+    under_jit = jax.jit(lambda w: comp.round(updates, KEY, client_ids=ids, residuals=residuals,
+                                             weights=w))
+    runs = [comp.round(updates, KEY, client_ids=ids, residuals=residuals, weights=weights),
+            comp.round(updates, KEY, client_ids=ids, residuals=residuals, weights=weights,
+                       chunk_size=3),
+            under_jit(jnp.array([1.0, jnp.nan, 2.0, -1.0]))]
+    for result in runs:
+        np.testing.assert_array_equal(result.residuals[1], residuals[1])
+        np.testing.assert_array_equal(result.residuals[3], residuals[3])
+        np.testing.assert_array_equal(result.residuals[kept], alone.residuals)
+        np.testing.assert_allclose(result.metrics.residual_norm[1],
+                                   np.linalg.norm(np.asarray(residuals[1], np.float64)),
+                                   rtol=1e-5)
+        for leaf in ("w", "b"):
+            np.testing.assert_allclose(result.mean[leaf], alone.mean[leaf], rtol=1e-6,
+                                       atol=1e-7)
+        assert int(result.metrics.contributors_touched) == int(
+            alone.metrics.contributors_touched)
+        assert int(result.metrics.contributors_max) <= 2
+    assert int(alone.metrics.contributors_touched) > 0  # the test can fail: coordinates sent
+
+
 @pytest.mark.parametrize(
     "residual_dtype, selection", [(jnp.float32, "lax"), (jnp.bfloat16, "radix")],
     indirect=["selection"],

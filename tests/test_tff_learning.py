@@ -164,6 +164,75 @@ def test_get_and_set_model_weights_round_trip(bridged):
         np.testing.assert_array_equal(a, b)
 
 
+class _Scale(tf.keras.layers.Layer):
+    """A layer with a scalar (0-d) trainable weight."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def _float64_model_fn():
+    keras_model = tf.keras.Sequential(
+        [tf.keras.layers.Dense(OUT, input_shape=(IN,), dtype="float64"), _Scale(dtype="float64")]
+    )
+    return tff.learning.models.from_keras_model(
+        keras_model,
+        input_spec=(tf.TensorSpec([None, IN], tf.float64), tf.TensorSpec([None, OUT], tf.float64)),
+        loss=tf.keras.losses.MeanSquaredError(),
+    )
+
+
+@pytest.mark.parametrize("transport", ["files", "tff"])
+def test_float64_and_scalar_leaves_equal_stock(transport):
+    """A float64 model with a 0-d weight: the update of every leaf, the scalar one too, is
+    read whole and averaged in float64, as the stock process does (the files transport read
+    a 0-d leaf into a temporary copy, and float64 means came back float32)."""
+    sgd = tff.learning.optimizers.build_sgdm(learning_rate=CLIENT_LR)
+    server = tff.learning.optimizers.build_sgdm(SERVER_LR)  # TFF's momentum is float32 only
+    stock = tff.learning.algorithms.build_weighted_fed_avg(
+        _float64_model_fn, client_optimizer_fn=sgd, server_optimizer_fn=server)
+    ours = ft.build_weighted_fed_avg(_float64_model_fn, client_optimizer_fn=sgd,
+                                     server_optimizer_fn=server, update_transport=transport)
+    stock_state = stock.initialize()
+    state = ours.set_model_weights(ours.initialize(), stock.get_model_weights(stock_state))
+    for seed in (1, 2):
+        arrays = [(x.astype(np.float64), y.astype(np.float64)) for x, y in _arrays(seed)]
+        stock_state = stock.next(stock_state, _datasets(arrays)).state
+        state = ours.next(state, _datasets(arrays)).state
+    theirs = stock.get_model_weights(stock_state).trainable
+    mine = ours.get_model_weights(state).trainable
+    assert [np.shape(w) for w in mine] == [(IN, OUT), (OUT,), ()]
+    for a, b in zip(mine, theirs, strict=True):
+        assert np.asarray(a).dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert float(mine[2]) != 1.0  # the scalar weight was trained
+
+
+def test_round_without_weight_is_rejected_as_stock():
+    """No client with an example: TFF's mean divides by a zero weight and its server step
+    rejects the NaN update (`update_non_finite` 1, model and optimizer state kept); the
+    bridged process does the same instead of applying a zero update (which server momentum
+    would still move)."""
+    stock = tff.learning.algorithms.build_weighted_fed_avg(
+        _model_fn,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=CLIENT_LR),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(SERVER_LR, momentum=MOMENTUM),
+    )
+    for process in (stock, _build(), _build(top_k_count=K, dense_threshold=0)):
+        ids = {} if process is stock else {"client_ids": [0, 1, 2]}
+        state = process.initialize()
+        state = process.next(state, _datasets(_arrays(1)), **ids).state
+        before = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+        empty = [(x[:0], y[:0]) for x, y in _arrays(2)]
+        output = process.next(state, _datasets(empty), **ids)
+        assert int(output.metrics["finalizer"]["update_non_finite"]) == 1
+        for a, b in zip(process.get_model_weights(output.state).trainable, before, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 # ---- top-k with error feedback, residuals by client id ---------------------------------------
 
 K = 5  # of d = 4 * 3 + 3 = 15 parameters
@@ -226,6 +295,22 @@ def test_error_feedback_residuals_follow_client_ids(feedback_process):
     np.testing.assert_array_equal(first["b"], second["b"])
 
 
+def test_error_feedback_client_without_examples_keeps_its_residual(feedback_process):
+    """A sampled client with no example has weight 0: its upload counts nowhere, so its
+    residual is kept (it was zeroed at the coordinates it "sent")."""
+    process = feedback_process
+    state = process.next(process.initialize(), _datasets(_arrays(3)),
+                         client_ids=["a", "b", "c"]).state
+    first = state.aggregator["residuals"]
+    assert np.any(first["a"] != 0)
+    arrays = _arrays(4)
+    arrays[0] = (arrays[0][0][:0], arrays[0][1][:0])
+    second = process.next(state, _datasets(arrays), client_ids=["a", "b", "c"]).state
+    table = second.aggregator["residuals"]
+    np.testing.assert_array_equal(table["a"], first["a"])
+    assert np.any(table["b"] != first["b"])
+
+
 def test_uncompressed_mean_leaves_out_nonfinite_clients():
     from fedkernels.tff._learning import _weighted_mean
 
@@ -243,10 +328,13 @@ def test_uncompressed_mean_leaves_out_nonfinite_clients():
             np.tensordot(w, np.where(keep[:, None, None], k, 0), 1) / w.sum(),
             np.tensordot(w, b, 1) / w.sum(),
         ]
-        for got, ref in zip(_weighted_mean([k, b], weights), expected, strict=True):
+        means, total = _weighted_mean([k, b], weights)
+        np.testing.assert_allclose(float(total), w.sum(), rtol=1e-6)
+        for got, ref in zip(means, expected, strict=True):
             np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
-    # No weight at all: zeros, not NaN.
-    zeros = _weighted_mean([kernel, bias], np.zeros(4, F32))
+    # No weight at all: zeros, not NaN, and a zero total (the process then rejects the round).
+    zeros, total = _weighted_mean([kernel, bias], np.zeros(4, F32))
+    assert float(total) == 0
     assert all(np.array_equal(z, np.zeros_like(z)) for z in zeros)
 
 

@@ -54,7 +54,8 @@ def aggregate(
     c = payload.dense.shape[0]
     k, d_s = layout.k, layout.sparse_size
     w = jnp.where(included, weights.astype(jnp.float32), 0.0)
-    present = included.astype(jnp.int32)
+    # A client of weight 0 counts nowhere, not as a contributor either.
+    present = (w > 0).astype(jnp.int32)
     selecting = layout.selector != "none"
     indices = None
     if selecting:

@@ -166,7 +166,8 @@ class Compressor:
           client_ids: int `[C]` or None (`arange(C)`).
           residuals: float32 `[C, d_s]` with error feedback, else None.
           weights: float `[C]`, finite and >= 0, or None (all 1). Checked when concrete;
-            under `jit` a negative, NaN or Inf weight counts as 0.
+            under `jit` a negative, NaN or Inf weight counts as 0. A client of weight 0 counts
+            nowhere (not as a contributor) and keeps its old residual row.
           chunk_size: clients per step of a `lax.scan` over the cohort, or None (all at once).
           mesh: a one-axis `jax.sharding.Mesh` over which the cohort is sharded
             (`fedkernels.client_mesh()`), or None.

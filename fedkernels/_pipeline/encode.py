@@ -70,11 +70,14 @@ def finite_rows(x: jax.Array) -> jax.Array:
 
 
 def restore_excluded(
-    new_residuals: jax.Array | None, report: ClientReport, residuals: jax.Array | None
+    new_residuals: jax.Array | None, report: ClientReport, residuals: jax.Array | None,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array | None, ClientReport]:
     """`(new_residuals, report)` with every excluded client's old residual row (from
     `residuals`, the rows it was encoded from) and its norm put back: an excluded client keeps
-    its old residual. Without error feedback (`new_residuals is None`): unchanged.
+    its old residual, and so does a client whose weight (`weights`, float [C]) is 0, whose
+    upload the server gives no weight. Without error feedback (`new_residuals is None`):
+    unchanged.
 
     Written without a pass over the rows kept: a loop over the others (usually none) copies
     each old row back into `new_residuals`, in place. `residuals` is read only inside the
@@ -84,9 +87,10 @@ def restore_excluded(
     if new_residuals is None:
         return new_residuals, report
     included = report.included
-    # The excluded rows first. Not `argsort(included)`: inside `shard_map` on jax 0.4.30 it
+    keep = included if weights is None else included & (weights > 0)
+    # The rows to restore first. Not `argsort(included)`: inside `shard_map` on jax 0.4.30 it
     # gave wrong rows on every device but the first (tests/test_pipeline.py, sharded test).
-    order = jnp.nonzero(~included, size=included.shape[0], fill_value=0)[0]
+    order = jnp.nonzero(~keep, size=keep.shape[0], fill_value=0)[0]
 
     def restore(j, carry):
         out, norms = carry
@@ -96,7 +100,7 @@ def restore_excluded(
         return lax.dynamic_update_index_in_dim(out, old_row, row, 0), norms.at[row].set(norm)
 
     new_residuals, norms = lax.fori_loop(
-        0, jnp.sum(~included), restore, (new_residuals, report.residual_norm)
+        0, jnp.sum(~keep), restore, (new_residuals, report.residual_norm)
     )
     return new_residuals, ClientReport(included, norms)
 

@@ -39,7 +39,7 @@ class RoundMetrics(NamedTuple):
       residual_norm: float32 `[C]`, L2 norm of each client's new residual (0 without error
         feedback).
       contributors_touched: int32 scalar, coordinates of the compressed leaves sent by at
-        least one client.
+        least one client of positive weight.
       contributors_max: int32 scalar, most clients that sent one coordinate.
       contributors_mean: float32 scalar, clients per touched coordinate, on average.
       residual_norm_mean: float32 scalar, mean residual norm over included clients (0 if
@@ -95,7 +95,8 @@ class RoundResult(NamedTuple):
 
     Attributes:
       mean: the server's aggregate, a pytree shaped like the template, float32.
-      residuals: float32 `[C, d_s]`, the clients' new residuals (error feedback), else None.
+      residuals: float32 `[C, d_s]`, the clients' new residuals (error feedback), else None;
+        an excluded client's or one of weight 0 is its old row.
       metrics: the round's `RoundMetrics`.
     """
 
@@ -287,9 +288,12 @@ def round_flat(
                 f"{what} must give one row per client id: {ids.shape[0]} ids, got "
                 f"{flat.shape[0]} rows"
             )
-        payload, new_res, report = encode(config, layout, flat, res, ids, pres, key, restore)
+        payload, new_res, report = encode(config, layout, flat, res, ids, pres, key,
+                                          restore=False)
         with jax.named_scope("server_sums"):
             sums = agg.aggregate(config, layout, payload, w, report.included)
+        if restore:
+            new_res, report = restore_excluded(new_res, report, res, w)
         return sums, new_res, report
 
     if chunk_size is None or chunk_size >= c:
@@ -331,7 +335,7 @@ def round_flat(
 
     new_res = None if new_res is None else unchunk(new_res)
     new_res, report = restore_excluded(
-        new_res, ClientReport(*(unchunk(a) for a in report)), residuals
+        new_res, ClientReport(*(unchunk(a) for a in report)), residuals, weights
     )
     return sums, new_res, report
 

@@ -35,6 +35,7 @@ import numpy as np
 
 import fedkernels as fk
 from fedkernels.tff import _deps
+from fedkernels.tff import _kernels as kernels
 
 tf = _deps.tf()
 tff = _deps.tff()
@@ -135,17 +136,21 @@ def _check_client_ids(client_ids: Any, num_clients: int, required: bool) -> list
 
 
 @jax.jit
-def _weighted_mean(leaves: list[jax.Array], weights: jax.Array) -> list[jax.Array]:
-    """The uncompressed round: `sum_c w_c x_c / sum_c w_c` per leaf, `[C, *shape]` to `shape`.
+def _weighted_mean(leaves: list[jax.Array], weights: jax.Array
+                   ) -> tuple[list[jax.Array], jax.Array]:
+    """The uncompressed round: `sum_c w_c x_c / sum_c w_c` per leaf, `[C, *shape]` to `shape`,
+    in each leaf's float type (float64 when traced in 64-bit mode), and the weight summed.
 
     The compressor's rule for NaN/Inf (a client with any non-finite entry is left out), at the
     cost of one pass: a matrix-vector product per leaf; only when a sum comes out non-finite
     is the mean taken again without the offending clients (`fedkernels.masked_sum`). No
-    client weight (all zero, or all clients left out) gives a zero mean.
+    client weight (all zero, or all clients left out) gives a zero mean and a zero total.
     """
     c = weights.shape[0]
-    rows = [x.reshape(c, -1).astype(jnp.float32) for x in leaves]
-    sums = [weights @ r for r in rows]
+    rows = [x.reshape(c, -1).astype(jnp.promote_types(x.dtype, jnp.float32)) for x in leaves]
+    wide = jnp.result_type(*rows) if rows else jnp.float32
+    weights = weights.astype(wide)
+    sums = [weights.astype(r.dtype) @ r for r in rows]
     all_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(s)) for s in sums]))
 
     def without_nonfinite_clients(_):
@@ -153,16 +158,19 @@ def _weighted_mean(leaves: list[jax.Array], weights: jax.Array) -> list[jax.Arra
         for r in rows:
             finite &= jnp.all(jnp.isfinite(r), axis=1)
         w = jnp.where(finite, weights, 0.0)
-        return [fk.masked_sum(r, w, jnp.ones(r.shape, jnp.bool_))[0] for r in rows], jnp.sum(w)
+        return [fk.masked_sum(r, w.astype(r.dtype), jnp.ones(r.shape, jnp.bool_))[0]
+                for r in rows], jnp.sum(w)
 
     sums, total = jax.lax.cond(
         all_finite, lambda _: (sums, jnp.sum(weights)), without_nonfinite_clients, None
     )
     has = total > 0
-    return [
-        jnp.where(has, s / jnp.where(has, total, 1.0), 0.0).astype(x.dtype).reshape(x.shape[1:])
+    means = [
+        jnp.where(has, s / jnp.where(has, total, 1.0).astype(s.dtype), 0.0)
+        .astype(x.dtype).reshape(x.shape[1:])
         for s, x in zip(sums, leaves, strict=True)
     ]
+    return means, total
 
 
 def _random_ids(ids: list | None, num_clients: int) -> np.ndarray:
@@ -317,10 +325,19 @@ class BridgedFedAvgProcess:
                 weights=weights,
                 chunk_size=self._chunk_size,
             )
-            mean = [np.asarray(x) for x in result.mean]
+            mean = list(result.mean)
+            included = ~np.asarray(result.metrics.excluded)
+            total = float(np.sum(weights[included], dtype=np.float64))
         else:
             result = None
-            mean = [np.asarray(x) for x in _weighted_mean(updates, weights)]
+            with kernels.x64_for(leaf.dtype for leaf in self._leaves):
+                mean, total = _weighted_mean(updates, weights)
+            total = float(total)
+        # Each leaf in its own dtype (the compressor computes in float32). No client weight:
+        # NaN, which the server step rejects, as TFF's mean of a zero total weight.
+        mean = [np.asarray(x).astype(leaf.dtype) if total > 0 else np.full(leaf.shape, np.nan,
+                                                                            leaf.dtype)
+                for x, leaf in zip(mean, self._leaves, strict=True)]
         aggregator_state = collections.OrderedDict(round_num=np.int32(round_num + 1))
         if error_feedback:
             aggregator_state["residuals"] = state.aggregator["residuals"].replace(
@@ -399,7 +416,10 @@ class BridgedFedAvgProcess:
                     raise RuntimeError(f"update file {name!r} holds {size} bytes, < {nbytes}")
                 with open(name, "rb", buffering=0) as f:
                     f.seek(size - nbytes)
-                    view = memoryview(updates[j][c].reshape(-1).view(np.uint8))
+                    # A row of the [C, n] view, never `updates[j][c]`: for a 0-d leaf that
+                    # is a NumPy scalar, a copy that the read would fill instead.
+                    row = updates[j].reshape(len(paths), -1)[c]
+                    view = memoryview(row.view(np.uint8))
                     if nbytes and f.readinto(view) != nbytes:
                         raise RuntimeError(f"short read of update file {name!r}")
                 os.unlink(name)
