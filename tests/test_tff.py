@@ -247,6 +247,21 @@ class TestExecution:
             assert np.max(np.abs(result["b"] - exact)) <= step * 1.0001
         np.testing.assert_allclose(ours["a"], theirs["a"], rtol=1e-6)
 
+    @pytest.mark.parametrize("weight_dtype", [np.float32, np.int64])
+    def test_masked_quantized_mean_counts_every_byte_sent(self, weight_dtype):
+        """bytes_sent of MaskedMeanFactory(quantize_above_threshold): per client the packed
+        codes and the range of the quantized leaf, its 1-bit mask, the small leaf as is and
+        the weight (which it left out)."""
+        factory = ft.MaskedMeanFactory(value_sum_factory=ft.quantize_above_threshold(8, 10))
+        process = factory.create(STRUCT_TYPE, tff.TensorType(weight_dtype))
+        values = _client_values(3, density=1.0)
+        output = process.next(process.initialize(), values, [weight_dtype(1)] * len(values))
+        words = -(-D // 32)
+        expected = words * 8 * 4 + 8 + words * 4 + 6 * 4 + np.dtype(weight_dtype).itemsize
+        measured = output.measurements["mean_value"]
+        assert measured["bytes_sent"] == expected
+        np.testing.assert_allclose(measured["compression_ratio"], (D + 6) * 4 / expected)
+
     def test_masked_mean_mixed_dtypes(self):
         mixed = tff.to_type(
             collections.OrderedDict(
@@ -395,6 +410,20 @@ class TestNumpyBridge:
         bridge = ft.numpy_process(factory)
         output = bridge.next(bridge.initialize(), values, WEIGHTS)
         np.testing.assert_allclose(_flat(output.result), _flat(expected), rtol=1e-6, atol=1e-7)
+
+    def test_concat_around_quantizer_same_draws(self):
+        """Around the quantizer the layout decides which coordinate gets which random draw:
+        the bridge flattens in `tf.nest` order (STRUCT_TYPE's keys b, a are sorted to a, b)
+        as concat_factory does, so both quantize the same vector with the same codes."""
+        values = _client_values(15, density=1.0)
+        factory = ft.concat_factory(ft.quantize_above_threshold(8, 10, seed=3))
+        staged = factory.create(STRUCT_TYPE)
+        expected = staged.next(staged.initialize(), values).result
+        bridge = ft.numpy_process(factory)
+        output = bridge.next(bridge.initialize(), values).result
+        assert list(output) == list(expected) == ["b", "a"]
+        for key in ("a", "b"):
+            np.testing.assert_allclose(output[key], expected[key], rtol=1e-6, atol=1e-6)
 
     def test_unsupported_compositions_say_so(self):
         with pytest.raises(NotImplementedError, match="numpy bridge"):

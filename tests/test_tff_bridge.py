@@ -161,12 +161,19 @@ def test_float64_leaves_stay_float64_without_x64():
     ]
     weights = np.array([1.0, 1.0], np.float32)
     want_w = np.array([2e-300, 5.0, 2.0 + 2**-41])
-    for process in (ft.MaskedMeanProcess(), ft.TopKProcess(k=5),
-                    ft.ConcatProcess(ft.MaskedMeanProcess())):
+    for process in (ft.MaskedMeanProcess(), ft.TopKProcess(k=5)):
         result = process.next(process.initialize(), values, weights).result
         assert result["w"].dtype == np.float64 and result["b"].dtype == np.float32
         np.testing.assert_allclose(result["w"], want_w, rtol=1e-15, atol=0)
         np.testing.assert_array_equal(result["b"], [1.0, 4.0])
+    # concat_factory's rule, as TFF's: one dtype for all leaves (a float64 one stays float64).
+    concat = ft.ConcatProcess(ft.MaskedMeanProcess())
+    with pytest.raises(TypeError, match="same dtype, got \\['float32', 'float64'\\]"):
+        concat.next(concat.initialize(), values, weights)
+    wide = [collections.OrderedDict(w=v["w"], b=v["b"].astype(np.float64)) for v in values]
+    result = concat.next(concat.initialize(), wide, weights).result
+    assert list(result) == ["w", "b"] and result["w"].dtype == np.float64
+    np.testing.assert_allclose(result["w"], want_w, rtol=1e-15, atol=0)
     quantize = ft.QuantizeSumProcess(threshold=5)  # both leaves below: summed exactly
     total = quantize.next(quantize.initialize(), values).result
     assert total["w"].dtype == np.float64

@@ -48,6 +48,21 @@ def test_staged_valid_weights_count_no_invalid(processes):
     assert output.measurements["invalid_weights"] == 0
 
 
+@pytest.mark.parametrize("weight_dtype", [np.float64, np.int32, np.int64])
+@pytest.mark.parametrize("name", ["masked_mean", "top_k"])
+def test_staged_weight_dtypes_as_mean_factory(name, weight_dtype):
+    """Every weight type `MeanFactory` takes (top_k_factory refused a float64 one: its weight
+    went through the JAX step and came back float32), with the same result and a
+    `bytes_sent` that counts the weight in its own dtype."""
+    weight_type = tff.TensorType(weight_dtype)
+    factory = ft.MaskedMeanFactory() if name == "masked_mean" else ft.top_k_factory(k=3)
+    process = factory.create(VALUE_TYPE, weight_type)
+    output = process.next(process.initialize(), VALUES, [weight_dtype(1), weight_dtype(3)])
+    np.testing.assert_allclose(output.result, [(1 + 9) / 4, 4.0, 2.0], rtol=1e-7)
+    if name == "top_k":
+        assert output.measurements["bytes_sent"] == 3 * (4 + 4) + np.dtype(weight_dtype).itemsize
+
+
 @pytest.mark.parametrize("bridge", [ft.MaskedMeanProcess(), ft.TopKProcess(k=3)],
                          ids=["masked_mean", "top_k"])
 @pytest.mark.parametrize("bad", BAD_WEIGHTS)

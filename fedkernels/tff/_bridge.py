@@ -14,6 +14,7 @@ This module imports only jax and numpy.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import functools
 import math
 from typing import Any, NamedTuple
@@ -236,15 +237,52 @@ class ConcatProcess:
         return self.inner.initialize()
 
     def next(self, state: Any, client_values: Any, *weights: Any) -> MeasuredOutput:
-        flats, unflatten = [], None
-        with kernels.x64_for(_dtypes(client_values)):
-            for value in client_values:
-                flat, unflatten = fk.flatten(value)
-                flats.append(np.asarray(flat))
+        if not isinstance(client_values, list | tuple) or not client_values:
+            raise ValueError(
+                "client_values must be a non-empty list with one value (pytree) per client, "
+                f"got {type(client_values).__name__}"
+            )
+        # `concat_factory`'s layout: leaves in `tf.nest` order (every mapping's keys sorted),
+        # raveled, one dtype for all.
+        leaves, treedef = jax.tree_util.tree_flatten(_keys_sorted(client_values[0]))
+        leaves = [np.asarray(x) for x in leaves]
+        if len({x.dtype for x in leaves}) > 1:
+            raise TypeError("Component dtypes of `value_type` should have the same dtype, got "
+                            f"{[str(x.dtype) for x in leaves]}")
+        shapes = [x.shape for x in leaves]
+        flats = [
+            np.concatenate([np.asarray(x).reshape(-1) for x in
+                            jax.tree_util.tree_leaves(_keys_sorted(value))] or [np.zeros(0)])
+            for value in client_values
+        ]
         output = self.inner.next(state, flats, *weights)
-        with kernels.x64_for([np.asarray(output.result).dtype]):
-            result = _to_numpy(unflatten(jnp.asarray(output.result)))
+        flat = np.asarray(output.result)
+        pieces = np.split(flat, np.cumsum([math.prod(s) for s in shapes])[:-1]) if shapes else []
+        restored = jax.tree_util.tree_unflatten(
+            treedef, [p.reshape(s) for p, s in zip(pieces, shapes, strict=True)])
+        result = _restore_order(client_values[0], restored)
         return MeasuredOutput(output.state, result, output.measurements)
+
+
+def _keys_sorted(tree: Any) -> Any:
+    """`tree` with every mapping a plain dict, so `jax.tree_util` orders leaves as `tf.nest`
+    does (keys sorted; it keeps an OrderedDict's insertion order)."""
+    if isinstance(tree, collections.abc.Mapping):
+        return {k: _keys_sorted(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        items = [_keys_sorted(v) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return tree
+
+
+def _restore_order(template: Any, tree: Any) -> Any:
+    """The inverse of `_keys_sorted`: `tree`'s leaves in `template`'s structure and types."""
+    if isinstance(template, collections.abc.Mapping):
+        return type(template)((k, _restore_order(v, tree[k])) for k, v in template.items())
+    if isinstance(template, list | tuple):
+        items = [_restore_order(t, v) for t, v in zip(template, tree, strict=True)]
+        return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
+    return tree
 
 
 def numpy_process(factory: Any) -> Any:

@@ -15,6 +15,7 @@ import numpy as np
 from fedkernels.tff._quantize import QuantizeAboveThresholdFactory, _QuantizeCodec
 from fedkernels.tff._staging import (
     _check_value_type,
+    _check_weight_type,
     _compiled,
     _contributes,
     _contributor_summary,
@@ -27,14 +28,6 @@ from fedkernels.tff._staging import (
     tf,
     tff,
 )
-
-
-def _check_weight_type(weight_type: Any) -> None:
-    if not isinstance(weight_type, tff.TensorType) or weight_type.shape not in ((), None):
-        raise TypeError(f"weight_type must be a scalar tff.TensorType, got {weight_type!r}")
-    dtype = np.dtype(weight_type.dtype)
-    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
-        raise TypeError(f"weight_type must be integer or floating, got {weight_type!r}")
 
 
 class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
@@ -279,7 +272,8 @@ def _fused_masked_mean(factory: MaskedMeanFactory, value_type: Any, weight_type:
                 client_encode, (value, weight, tff.federated_broadcast(quantizer_state))
             )
             inner_state = tff.federated_map(codec.advance, quantizer_state)
-            inner_measurements = codec.measurements()
+            # The client sends its weight beside the codes and masks: counted in bytes_sent.
+            inner_measurements = codec.measurements(weight_dtype.itemsize)
         acc = tff.federated_aggregate(encoded, zero_fn(), accumulate_fn, merge_fn, report_fn)
         mean, contributors, num_clients, invalid = tff.federated_map(finish_fn, acc)
         new_state = collections.OrderedDict(

@@ -88,6 +88,15 @@ def _check_value_type(value_type: Any) -> None:
     _check_floats(value_type)
 
 
+def _check_weight_type(weight_type: Any) -> None:
+    """A scalar integer or floating weight type, as TFF's weighted factories take."""
+    if not isinstance(weight_type, tff.TensorType) or weight_type.shape not in ((), None):
+        raise TypeError(f"weight_type must be a scalar tff.TensorType, got {weight_type!r}")
+    dtype = np.dtype(weight_type.dtype)
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise TypeError(f"weight_type must be integer or floating, got {weight_type!r}")
+
+
 class _Layout:
     """Leaves of a value type in `jax.tree_util` order, and its `fedkernels.flatten` layout."""
 

@@ -14,6 +14,7 @@ from fedkernels.tff import _kernels as kernels
 from fedkernels.tff._staging import (
     _INDEX_BYTES,
     _check_floats,
+    _check_weight_type,
     _Layout,
     _server_constant,
     staged,
@@ -169,7 +170,7 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
     with secure or DP sums that need dense values; no transport compression then).
 
     Use `top_k_factory(fraction=...)` or `top_k_factory(k=...)`. Measurements:
-    `bytes_sent` (per client: k values, k int32 indices, one weight), `dense_bytes`,
+    `bytes_sent` (per client: k values, k int32 indices, one weight in its dtype), `dense_bytes`,
     `compression_ratio`, and `contributors` (without inner) or `inner`.
     Error feedback needs per-client state, which TFF aggregators cannot hold: see
     `error_feedback_encoder`.
@@ -186,11 +187,12 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
 
     def create(self, value_type: Any, weight_type: Any) -> Any:
         _check_floats(value_type)
+        _check_weight_type(weight_type)
         layout = _Layout(value_type)
         d = layout.d
         k = kernels.resolve_k(d, self.k, self.fraction)
         itemsize = layout.flat_dtype.itemsize
-        bytes_sent = k * (itemsize + _INDEX_BYTES) + 4
+        bytes_sent = k * (itemsize + _INDEX_BYTES) + np.dtype(weight_type.dtype).itemsize
         dense_bytes = d * itemsize
 
         def static_measurements():
@@ -205,12 +207,13 @@ class TopKFactory(tff.aggregators.WeightedAggregationFactory):
 
         @tff.tensorflow.computation(value_type, weight_type)
         def encode_fn(value, weight):
-            def encode(value, weight):
+            def encode(value):
                 flat, _ = fk.flatten(value, dtype=layout.flat_dtype)
-                values, indices = kernels.top_k_unsorted(flat, k)
-                return values, indices, weight
+                return kernels.top_k_unsorted(flat, k)
 
-            return staged(encode, layout.x64)(value, weight)
+            # The weight passes outside the JAX step, keeping its own dtype (float64 too).
+            values, indices = staged(encode, layout.x64)(value)
+            return values, indices, weight
 
         return _sparse_mean_process(
             d, k, layout.flat_dtype, weight_type, value_type, encode_fn,
