@@ -459,13 +459,15 @@ def build_weighted_fed_avg(
     by a weighted mean (one matrix-vector product per leaf, the compressor's rules for
     NaN/Inf). The server optimizer step runs as a `tf.function` in the driver. With the
     defaults (no compression) the round computes what the stock process with `MeanFactory()`
-    computes, up to float32 summation order.
+    computes, up to summation order, each leaf in its dtype (float64 in float64); the
+    compressor computes in float32 and returns each leaf in its dtype. A round whose client
+    weights sum to 0 gives a NaN update, which the server step rejects (`update_non_finite`),
+    as in the stock process. With error feedback a client of weight 0 keeps its residual.
 
     Differences from the stock process: `model_aggregator` is refused (the compression options
     replace it); a client whose update holds NaN/Inf is left out of the mean (counted in the
     aggregator metrics when compressing), where TFF's mean would turn the whole update
-    non-finite and the finalizer would reject it; a round whose client weights sum to 0 gives
-    a zero update.
+    non-finite and the finalizer would reject it.
 
     Args:
       model_fn, client_optimizer_fn, server_optimizer_fn, client_weighting,
