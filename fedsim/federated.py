@@ -177,7 +177,8 @@ def run_configuration(
     rounds, evals, uploaded_at_eval = [], [], []
     uploaded_total = np.zeros(num_seeds, np.int64)
     excluded_total = np.zeros(num_seeds, np.int64)
-    pending: list[jax.Array] = []  # [S, 2] per round: bytes, excluded; summed at evaluations
+    # [S, 2] per round: included clients, excluded; summed (as int64) at evaluations
+    pending: list[jax.Array] = []
     since_eval = 0
     start = time.perf_counter()
     first_round_s = 0.0
@@ -194,8 +195,7 @@ def run_configuration(
             if error_feedback:
                 stores[s] = store.scatter(stores[s], ids, result.residuals)
             params[s], momentum[s] = server_step(params[s], momentum[s], result.mean)
-            sent.append(jnp.stack([result.metrics.uploaded_bytes.astype(jnp.int32),
-                                   result.metrics.num_excluded.astype(jnp.int32)]))
+            sent.append(jnp.stack([result.metrics.num_included, result.metrics.num_excluded]))
         pending.append(jnp.stack(sent))
         since_eval += 1
         if r == 0:
@@ -206,7 +206,7 @@ def run_configuration(
                 np.asarray(_evaluate(params[s], *per_seed_data[s][3:])) for s in range(num_seeds)
             ])  # [S, 2]: accuracy, loss
             counts = np.stack([np.asarray(p) for p in pending]).astype(np.int64).sum(0)
-            uploaded_total += counts[:, 0]
+            uploaded_total += counts[:, 0] * comp.layout.payload_bytes
             excluded_total += counts[:, 1]
             pending = []
             rounds.append(r + 1)

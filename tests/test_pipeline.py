@@ -336,6 +336,42 @@ def test_random_k_masked_mean_averages_the_senders():
     np.testing.assert_allclose(mean[sent], np.asarray(x)[sent], rtol=1e-6)
 
 
+@pytest.mark.parametrize("shared_range", [None, (-1.0, 1.0), (-10.0, 10.0)])
+def test_random_k_shared_range_applies_to_the_update(shared_range):
+    """Random-k's d_s/k scaling (plain mean, no error feedback) happens on the server, after
+    quantization: a shared range that holds every update entry must not clip them (the
+    client-side scaling made values of 0.5 into 5, clipped to 1: a mean of 0.1)."""
+    c, d, k = 200, 100, 10
+    opts = dict(top_k_count=k, random_k=True, bits=8, dense_threshold=0)
+    if shared_range is not None:
+        opts["shared_range"] = shared_range
+    comp = fk.compressor({"w": jnp.zeros(d)}, **opts)
+    mean = np.asarray(comp.round({"w": jnp.full((c, d), 0.5)}, KEY).mean["w"], np.float64)
+    # Every client sends exactly k coordinates: the coordinates' mean is 0.5 up to the
+    # (unbiased) rounding of c * k codes, each within one step.
+    step = 2 / 255 if shared_range is None else (shared_range[1] - shared_range[0]) / 255
+    assert abs(mean.mean() - 0.5) < 5 * step / (2 * np.sqrt(c * k)) + 1e-6  # 5 sigma
+    assert 0 < np.count_nonzero(mean) <= d
+
+
+def test_random_k_coordinates_follow_the_hash_stream():
+    """A client's random-k coordinates are the k largest of `lowbias32` words of its key
+    (the quantizer's counter hash), computed here in NumPy from the key data alone: the same
+    on every jax version (`jax.random.uniform` picked other ones on jax 0.4 and newer)."""
+    d, k = 300, 7
+    comp = fk.compressor({"w": jnp.zeros(d)}, top_k_count=k, random_k=True, dense_threshold=0)
+    x = jnp.arange(1, d + 1, dtype=jnp.float32)[None]
+    root = np.asarray(jax.random.key_data(KEY), np.uint32)
+    for client_id in (0, 5, 123456):
+        mean = comp.round({"w": x}, KEY, client_ids=jnp.array([client_id])).mean["w"]
+        s0, s1 = ref.fold_in(ref.fold_in(ref.fold_in(root, client_id), 0), 0x48415348)
+        with np.errstate(over="ignore"):
+            words = ref.lowbias32((np.arange(d, dtype=np.uint32) ^ s0) + s1)
+        scores = words >> np.uint32(8)
+        expected = np.sort(np.lexsort((np.arange(d), -scores.astype(np.int64)))[:k])
+        np.testing.assert_array_equal(np.flatnonzero(np.asarray(mean)), expected)
+
+
 def test_random_k_is_unbiased():
     template = {"w": jnp.zeros((200,))}
     x = jax.random.normal(KEY, (2, 200))
@@ -487,6 +523,50 @@ def test_residual_norm_metrics_are_those_of_the_new_residuals():
     d = comp.round(jax.tree_util.tree_map(lambda a: a * jnp.nan, updates), KEY,
                    residuals=residuals).metrics.as_dict()
     assert d["residual_norm_mean"] == 0.0 and d["residual_norm_max"] == 0.0  # none included
+
+
+def test_integer_leaf_mean_is_float32_and_float_leaves_keep_their_dtype():
+    """The mean of an integer leaf is float32 (it was rounded back into the template's int
+    dtype: clients sending 0 and 1 gave 0); a float16 leaf's mean stays float16."""
+    template = {"w": jnp.zeros(64), "n": jnp.zeros(8, jnp.int32), "h": jnp.zeros(8, jnp.float16)}
+    comp = fk.compressor(template, top_k_fraction=1.0, dense_threshold=0)
+    updates = {"w": jnp.ones((2, 64)), "n": jnp.array([[0] * 8, [1] * 8], jnp.int32),
+               "h": jnp.full((2, 8), 3.0, jnp.float16)}
+    mean = comp.round(updates, KEY).mean
+    assert mean["n"].dtype == jnp.float32 and mean["h"].dtype == jnp.float16
+    np.testing.assert_array_equal(mean["n"], np.full(8, 0.5))
+    np.testing.assert_array_equal(mean["h"], np.full(8, 3.0))
+
+
+def test_uploaded_bytes_are_exact_past_int32():
+    """uploaded_bytes = payload bytes x included clients as a Python int: past 2**31 bytes
+    (100 clients of a 25M-parameter model at 8 bits) the int32 sum it was wrapped negative;
+    under a caller's jit it is a float32 (approximate, never wrapped)."""
+    comp = fk.compressor({"w": jnp.zeros(1000)}, bits=8, dense_threshold=0)
+    metrics = comp.round({"w": jnp.ones((3, 1000))}, KEY).metrics
+    assert metrics.uploaded_bytes == 3 * comp.layout.payload_bytes
+    big = metrics._replace(payload_bytes_per_client=25_000_008, num_included=jnp.int32(100))
+    assert big.uploaded_bytes == big.as_dict()["uploaded_bytes"] == 2_500_000_800
+    traced = jax.jit(lambda u: comp.round(u, KEY).metrics.uploaded_bytes)
+    assert float(traced({"w": jnp.ones((3, 1000))})) == 3 * comp.layout.payload_bytes
+
+
+def test_top_k_overflowing_residual_excludes_the_client():
+    """With values near +-3e38, a 1-bit code decodes far away and `value - decoded` can
+    overflow: the client is excluded and keeps its old residual (it was counted as included
+    with an Inf residual, then excluded in every later round)."""
+    x = np.zeros((1, 64), np.float32)
+    x[0, :3] = [-3e38, 3e38, 0.5e38]  # 0.5e38 decodes to 3e38 or (p = 0.42) overflows -3e38
+    comp = fk.compressor({"w": jnp.zeros(64)}, top_k_count=3, bits=1, error_feedback=True)
+    excluded = 0
+    for seed in range(12):
+        result = comp.round({"w": jnp.asarray(x)}, jax.random.PRNGKey(seed),
+                            residuals=jnp.zeros((1, 64)))
+        assert bool(jnp.all(jnp.isfinite(result.residuals)))
+        if bool(result.metrics.excluded[0]):
+            excluded += 1
+            np.testing.assert_array_equal(result.residuals, np.zeros((1, 64)))
+    assert 0 < excluded < 12  # some draws overflow, others do not: the test can fail
 
 
 def test_empty_and_all_excluded_cohorts_give_zeros():

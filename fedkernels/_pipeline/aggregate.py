@@ -117,6 +117,18 @@ def add_sums(a: AggregateSums, b: AggregateSums) -> AggregateSums:
     return AggregateSums(*(x + y for x, y in zip(a, b, strict=True)))
 
 
+def unbiased_scale(config: CompressorConfig, layout: Layout) -> float:
+    """d_s / k for random-k's plain mean without error feedback (each coordinate is sent with
+    probability k / d_s, so the scaled mean is unbiased), else 1. The masked mean divides by
+    the senders' weight, which already accounts for the sampling; error feedback keeps what
+    was not sent."""
+    if layout.selector == "random_k" and config.aggregation == "mean" and (
+        not config.error_feedback
+    ):
+        return layout.sparse_size / layout.k
+    return 1.0
+
+
 def finalize(config: CompressorConfig, layout: Layout, sums: AggregateSums) -> jax.Array:
     """Partial sums -> the mean update, float32 [d]. Never NaN: 0 where nothing arrived."""
     total = sums.sparse_total
@@ -137,6 +149,8 @@ def finalize(config: CompressorConfig, layout: Layout, sums: AggregateSums) -> j
         denominator = jnp.broadcast_to(sums.weight_sum, total.shape)
     has = denominator > 0
     sparse_mean = jnp.where(has, total / jnp.where(has, denominator, 1.0), 0.0)
+    if unbiased_scale(config, layout) != 1:
+        sparse_mean = sparse_mean * jnp.float32(unbiased_scale(config, layout))
     has_w = sums.weight_sum > 0
     dense_mean = jnp.where(has_w, sums.dense_total / jnp.where(has_w, sums.weight_sum, 1.0), 0.0)
     return join(layout, sparse_mean, dense_mean)

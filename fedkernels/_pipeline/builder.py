@@ -131,8 +131,8 @@ class Compressor:
         return self._compiled.aggregate(payload, included, weights)
 
     def finalize(self, sums: AggregateSums) -> Any:
-        """The mean update (a pytree shaped like the template, float32) from summed
-        `AggregateSums`; 0 where nothing arrived."""
+        """The mean update from summed `AggregateSums` (a pytree shaped like the template:
+        floating leaves in their dtype, integer ones float32); 0 where nothing arrived."""
         return self._compiled.finalize(sums)
 
     def decode(self, payload: Payload, included: Any, weights: Any = None) -> Any:
@@ -181,13 +181,19 @@ class Compressor:
             shape or negative/NaN/Inf (when concrete), a batch of keys, an update function
             that returns another number of clients than ids it was given; with
             `on_nonfinite="raise"`, a client with NaN/Inf, or a call under `jax.jit`.
-          TypeError: `key` that is not a `jax.random` key (e.g. an int).
+          TypeError: `key` that is not a `jax.random` key (e.g. an int), `mesh` that is not a
+            `jax.sharding.Mesh`.
 
         Weights are rescaled by their maximum before use (the same mean; large finite
         weights such as 2e38 do not overflow).
         """
         if chunk_size is not None:
             chunk_size = _validate.static_int("chunk_size", chunk_size, 1)
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(
+                "mesh must be a jax.sharding.Mesh (fedkernels.client_mesh()) or None, got "
+                f"{type(mesh).__name__} {mesh!r}"
+            )
         layout, config = self.layout, self.config
         update_fn = updates if callable(updates) else None
         if update_fn is not None:

@@ -133,6 +133,14 @@ class CompressorConfig:
                 raise ValueError(
                     f"shared_range must be finite with lo < hi, got {shared_range!r}"
                 )
+            # The codes decode in float32: lo, hi and the span must be float32 numbers.
+            top = float(np.finfo(np.float32).max)
+            if not (max(abs(lo), abs(hi), hi - lo) <= top
+                    and float(np.float32(lo)) < float(np.float32(hi))):
+                raise ValueError(
+                    "shared_range must be within float32 range (lo, hi and hi - lo at most "
+                    f"{top:.8g} in magnitude, lo < hi in float32), got {shared_range!r}"
+                )
             put("shared_range", (lo, hi))
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(

@@ -25,6 +25,8 @@ from jax import lax
 from fedkernels._pipeline.config import CompressorConfig
 from fedkernels._pipeline.layout import Layout, split
 from fedkernels._quantize import (
+    _hash_seeds,
+    _hash_words,
     decodes_finite,
     dequantize,
     pack_bits,
@@ -132,6 +134,20 @@ def row_norms(x: jax.Array) -> jax.Array:
     acc = lax.fori_loop(0, steps, step, jnp.zeros((c, _NORM_BLOCK), jnp.float32))
     tail = x[:, steps * span :]
     return jnp.sqrt(jnp.sum(acc, axis=1) + jnp.sum(tail * tail, axis=1))
+
+
+def random_k_scores(keys: jax.Array, d: int) -> jax.Array:
+    """float32 `[C, d]` scores in [0, 1) whose k largest per row are the client's random-k
+    coordinates: the top 24 bits of the quantizer's counter hash (`_hash_words` of coordinate
+    j under `keys[c]`), so a key picks the same coordinates on every jax version
+    (`jax.random.uniform` depends on `jax_threefry_partitionable`, whose default changed)."""
+    counter = lax.iota(jnp.uint32, d)
+
+    def one(k: jax.Array) -> jax.Array:
+        words = _hash_words(_hash_seeds(k), counter)
+        return (words >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+    return jax.vmap(one)(keys)
 
 
 def client_keys(key: jax.Array, client_ids: jax.Array, stream: int) -> jax.Array:
@@ -261,16 +277,12 @@ def _encode_generic(
         indices = None
         values = acc_safe
     else:  # random-k
-        scores = jax.vmap(lambda kk: jax.random.uniform(kk, (d_s,)))(
-            client_keys(key, client_ids, 0)
-        )
+        scores = random_k_scores(client_keys(key, client_ids, 0), d_s)
         # k uniform-random coordinates, no repeats: the k largest of uniform scores.
         indices = _top_k_indices(scores, k, "auto", config.radix).astype(jnp.int32)
         values = jnp.take_along_axis(acc_safe, indices, axis=1)
-        if not config.error_feedback and config.aggregation == "mean":
-            # Unbiased: E[sent] = acc. The masked mean divides by the senders' weight instead,
-            # which already accounts for the sampling.
-            values = values * jnp.float32(d_s / k)
+        # Without error feedback the plain mean is scaled by d_s / k on the server
+        # (`aggregate.finalize`), after quantization: a shared range applies to the update.
 
     codes, minimum, maximum, decoded = quantize_values(config, values, client_ids, key)
 
@@ -373,6 +385,9 @@ def _encode_top_k(
         # What the server will not see of the selected coordinates. Ascending, distinct, in
         # range: said so, XLA:CPU scatters in place.
         unseen = values - decoded if config.bits is not None else jnp.zeros_like(values)
+        # The rest of the new residual is `acc`, finite for an included client; `unseen` can
+        # overflow (values near +-3e38 decoded a step away): such a client is excluded.
+        included &= finite_rows(unseen)
         scatter_options = dict(
             indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds"
         )

@@ -155,6 +155,9 @@ def _leaf_specs(template: Any) -> tuple[Any, list[tuple[int, ...]], list[np.dtyp
 def make_layout(template: Any, config: CompressorConfig) -> Layout:
     """The layout of `template` (one client's update) under `config`."""
     treedef, shapes, dtypes = _leaf_specs(template)
+    # The mean keeps a floating leaf's dtype; an integer leaf's mean is float32 (rounding
+    # it back to an integer would lose it silently: clients sending 0 and 1 would give 0).
+    dtypes = [t if np.issubdtype(t, np.floating) else np.dtype(np.float32) for t in dtypes]
     unflatten = Unflatten(treedef, tuple(shapes), tuple(dtypes), np.dtype(np.float32))
     slices, start, sparse_size = [], 0, 0
     for shape in shapes:

@@ -31,8 +31,7 @@ class RoundMetrics(NamedTuple):
       payload_bytes_per_client: bytes one included client uploads (`Layout.payload_bytes`).
       uncompressed_bytes_per_client: bytes of one client's whole update as float32, d * 4
         (the baseline of `compression_ratio`).
-      uploaded_bytes: int scalar, bytes the cohort uploaded (payload_bytes_per_client times
-        the included clients).
+      num_included: int32 scalar, clients whose payload was sent (present and not excluded).
       bytes_per_client: int32 `[C]`, bytes each client uploaded (0 for an excluded one).
       num_excluded: int32 scalar, clients left out (NaN/Inf in their update or residual).
       excluded: bool `[C]`, which clients were left out.
@@ -51,7 +50,7 @@ class RoundMetrics(NamedTuple):
     num_clients: int
     payload_bytes_per_client: int
     uncompressed_bytes_per_client: int
-    uploaded_bytes: jax.Array  # shape=[], dtype=int32 (int64 with x64)
+    num_included: jax.Array  # shape=[], dtype=int32
     bytes_per_client: jax.Array  # shape=[C], dtype=int32
     num_excluded: jax.Array  # shape=[], dtype=int32
     excluded: jax.Array  # shape=[C], dtype=bool
@@ -63,6 +62,16 @@ class RoundMetrics(NamedTuple):
     residual_norm_max: jax.Array  # shape=[], dtype=float32
 
     @property
+    def uploaded_bytes(self) -> Any:
+        """Bytes the cohort uploaded: `payload_bytes_per_client * num_included`, an exact
+        Python int (a cohort passes 2**31 bytes easily: 100 clients of a 25M-parameter model
+        at 8 bits); under a caller's `jit`, where the count is traced, a float32 scalar."""
+        if isinstance(self.num_included, jax.core.Tracer):
+            return self.num_included.astype(jnp.float32) * jnp.float32(
+                self.payload_bytes_per_client)
+        return int(self.num_included) * self.payload_bytes_per_client
+
+    @property
     def compression_ratio(self) -> float:
         """uncompressed_bytes_per_client / payload_bytes_per_client (inf for an empty
         payload)."""
@@ -71,11 +80,11 @@ class RoundMetrics(NamedTuple):
         return self.uncompressed_bytes_per_client / self.payload_bytes_per_client
 
     def as_dict(self) -> dict[str, Any]:
-        """The scalar fields and `compression_ratio` as Python numbers, keyed by their names,
-        for logs and JSON. Reads only the scalar fields, which every process holds whole, so
-        it also works when the cohort spans several processes (`jax.distributed`); the
-        per-client fields (`bytes_per_client`, `excluded`, `residual_norm`) are then sharded
-        like the cohort and are left out."""
+        """The scalar fields, `uploaded_bytes` and `compression_ratio` as Python numbers,
+        keyed by their names, for logs and JSON. Reads only the scalar fields, which every
+        process holds whole, so it also works when the cohort spans several processes
+        (`jax.distributed`); the per-client fields (`bytes_per_client`, `excluded`,
+        `residual_norm`) are then sharded like the cohort and are left out."""
         out: dict[str, Any] = {}
         for name, value in zip(self._fields, self, strict=True):
             if name in _PER_CLIENT:
@@ -86,6 +95,7 @@ class RoundMetrics(NamedTuple):
                 out[name] = int(value)
             else:
                 out[name] = float(value)
+        out["uploaded_bytes"] = self.uploaded_bytes
         out["compression_ratio"] = self.compression_ratio
         return out
 
@@ -94,7 +104,8 @@ class RoundResult(NamedTuple):
     """What `Compressor.round` returns.
 
     Attributes:
-      mean: the server's aggregate, a pytree shaped like the template, float32.
+      mean: the server's aggregate, a pytree shaped like the template: each floating leaf
+        in its template dtype (computed in float32), an integer leaf as float32.
       residuals: float32 `[C, d_s]`, the clients' new residuals (error feedback), else None;
         an excluded client's or one of weight 0 is its old row.
       metrics: the round's `RoundMetrics`.
@@ -125,7 +136,7 @@ def metric_arrays(
         0.0,
     )
     return dict(
-        uploaded_bytes=jnp.sum(per_client),
+        num_included=num_included,
         bytes_per_client=per_client,
         num_excluded=jnp.sum(excluded.astype(jnp.int32)),
         excluded=excluded,
