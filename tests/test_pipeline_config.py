@@ -164,9 +164,10 @@ def test_metrics_fields_are_documented_and_as_dict_keys_are_field_names():
     as_dict = metrics.as_dict()
     scalar = [f for f in metrics._fields
               if f not in ("bytes_per_client", "excluded", "residual_norm")]
-    assert list(as_dict) == [*scalar, "compression_ratio"]
+    assert list(as_dict) == [*scalar, "uploaded_bytes", "compression_ratio"]
     for field in metrics._fields:
         assert f"{field}:" in fk.RoundMetrics.__doc__
+    assert "uploaded_bytes" in pydoc.render_doc(fk.RoundMetrics, renderer=pydoc.plaintext)
     assert as_dict["uncompressed_bytes_per_client"] == 64 * 4 == comp.layout.uncompressed_bytes
     assert as_dict["payload_bytes_per_client"] == comp.layout.payload_bytes
     assert as_dict["uploaded_bytes"] == 3 * comp.layout.payload_bytes
