@@ -47,6 +47,18 @@ def test_decode_and_aggregate_validate_weights(comp, encoded, method, weights, m
         getattr(comp, method)(payload, report.included, jnp.asarray(weights, jnp.float32))
 
 
+@pytest.mark.parametrize("method", ["decode", "aggregate", "finalize"])
+def test_server_methods_name_a_wrong_kind_of_payload(comp, encoded, method):
+    """A tuple where the Payload (or AggregateSums) belongs raised an AttributeError."""
+    args = ((1, 2),) if method == "finalize" else ((1, 2), jnp.ones(2, bool))
+    name, kind = ("sums", "AggregateSums") if method == "finalize" else ("payload", "Payload")
+    with pytest.raises(TypeError, match=rf"{name} must be the {kind} that Compressor\.\w+ "
+                                        r"returns, got tuple"):
+        getattr(comp, method)(*args)
+    payload, _, report = encoded
+    assert np.all(np.isfinite(np.asarray(comp.decode(payload, report.included)["w"])))
+
+
 @pytest.mark.parametrize("method", ["decode", "aggregate"])
 def test_decode_and_aggregate_validate_included_shape(comp, encoded, method):
     payload, _, _ = encoded

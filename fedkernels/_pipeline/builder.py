@@ -125,6 +125,7 @@ class Compressor:
           ValueError: `included` or `weights` not of shape `[C]`; a negative, NaN or Inf
             weight (checked when the weights are concrete, not under jit).
         """
+        _check_type("payload", payload, Payload, "encode")
         c = payload.dense.shape[0]
         included = rnd.check_included(included, c)
         weights = rnd.check_weights(self.config, weights, c)
@@ -132,13 +133,16 @@ class Compressor:
 
     def finalize(self, sums: AggregateSums) -> Any:
         """The mean update from summed `AggregateSums` (a pytree shaped like the template:
-        floating leaves in their dtype, integer ones float32); 0 where nothing arrived."""
+        floating leaves in their dtype, integer ones float32); 0 where nothing arrived.
+        Raises TypeError when `sums` is not `AggregateSums`."""
+        _check_type("sums", sums, AggregateSums, "aggregate")
         return self._compiled.finalize(sums)
 
     def decode(self, payload: Payload, included: Any, weights: Any = None) -> Any:
         """The server's mean update from a cohort's payloads: `finalize(aggregate(payload,
         included, weights / max(weights)))` (the same mean, without overflow for large finite
         weights). Arguments and errors as `aggregate`."""
+        _check_type("payload", payload, Payload, "encode")
         if weights is not None:
             c = payload.dense.shape[0]
             weights = rnd.normalized(rnd.check_weights(self.config, weights, c))
@@ -238,6 +242,14 @@ class Compressor:
                 f"NaN/Inf: cohort positions {bad[:10].tolist()}"
             )
         return result
+
+
+def _check_type(name: str, value: Any, expected: type, producer: str) -> None:
+    if not isinstance(value, expected):
+        raise TypeError(
+            f"{name} must be the {expected.__name__} that Compressor.{producer} returns, got "
+            f"{type(value).__name__}"
+        )
 
 
 def compressor(template: Any, /, **options: Any) -> Compressor:
