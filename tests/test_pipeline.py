@@ -429,7 +429,7 @@ def test_nonfinite_client_is_excluded_counted_and_keeps_its_residual(any_selecti
         raising.round(updates, KEY, residuals=residuals)
 
 
-def test_zero_weight_client_counts_nowhere_and_keeps_its_residual(any_selection):
+def test_zero_weight_client_counts_nowhere_and_keeps_its_residual():
     """A client of weight 0 (or, under jit, an invalid weight) adds nothing to the mean, so
     what it encoded did not reach the server: it keeps its old residual (error feedback would
     otherwise drop its selected coordinates for good) and is no contributor. The round equals
@@ -438,7 +438,8 @@ def test_zero_weight_client_counts_nowhere_and_keeps_its_residual(any_selection)
     updates = make_updates(c)
     residuals = jnp.asarray(np.random.default_rng(5).normal(size=(c, D_SPARSE)), jnp.float32)
     ids = jnp.array([7, 3, 5, 9])
-    comp = fk.compressor(TEMPLATE, **any_selection, **EF8)
+    # The restore and the contributor count are the same code for every selection method.
+    comp = fk.compressor(TEMPLATE, **EF8)
     weights = jnp.array([1.0, 0.0, 2.0, 0.0])
     kept = np.array([0, 2])
     alone = comp.round(jax.tree_util.tree_map(lambda a: a[kept], updates), KEY,
