@@ -617,6 +617,8 @@ def dequantize(q: Quantized) -> jax.Array:
 
     Raises:
       TypeError: `q` not a `Quantized`.
+      ValueError: `q`'s fields disagree (packed not `[..., ceil(length / 32) * bits]`, or
+        minimum / maximum not of packed's batch shape), as a hand-made `Quantized` may.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.array([[2.0, 2.0], [-1.0, 3.0]])
@@ -626,6 +628,16 @@ def dequantize(q: Quantized) -> jax.Array:
     """
     if not isinstance(q, Quantized):
         raise TypeError(f"q must be a Quantized (from fedkernels.quantize), got {type(q).__name__}")
+    words = packed_words(q.length, q.bits)
+    batch = tuple(np.shape(q.packed)[:-1])
+    if (tuple(np.shape(q.packed))[-1:] != (words,) or tuple(np.shape(q.minimum)) != batch
+            or tuple(np.shape(q.maximum)) != batch):
+        raise ValueError(
+            f"q's fields must agree: packed [..., {words}] (length {q.length} at {q.bits} bits), "
+            f"minimum and maximum of packed's batch shape; got packed "
+            f"{tuple(np.shape(q.packed))}, minimum {tuple(np.shape(q.minimum))}, maximum "
+            f"{tuple(np.shape(q.maximum))}"
+        )
     return _decode(unpack_bits(q.packed, q.bits, q.length).astype(jnp.float32), q)
 
 

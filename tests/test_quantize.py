@@ -199,6 +199,13 @@ def test_errors():
         fk.quantize(jnp.ones((3, 0)), key)
     with pytest.raises(TypeError, match="q must be a Quantized"):
         fk.dequantize(jnp.ones(3))
+    # A hand-made Quantized whose fields disagree (it failed with a broadcasting error).
+    q = fk.quantize(jnp.ones((2, 40)), key)
+    bad = fk.Quantized(q.packed, jnp.zeros(3), q.maximum, 8, 40)
+    with pytest.raises(ValueError, match=r"packed \(2, 16\), minimum \(3,\), maximum \(2,\)"):
+        fk.dequantize(bad)
+    with pytest.raises(ValueError, match=r"packed \[\.\.\., 16\] \(length 40 at 8 bits\)"):
+        jax.jit(fk.dequantize)(fk.Quantized(q.packed[:, :8], q.minimum, q.maximum, 8, 40))
 
 
 def test_hash_stream_size_limit_is_checked_not_wrapped():
