@@ -33,7 +33,8 @@ class RoundMetrics(NamedTuple):
         (the baseline of `compression_ratio`).
       num_included: int32 scalar, clients whose payload was sent (present and not excluded).
       bytes_per_client: int32 `[C]`, bytes each client uploaded (0 for an excluded one).
-      num_excluded: int32 scalar, clients left out (NaN/Inf in their update or residual).
+      num_excluded: int32 scalar, clients left out: NaN/Inf in their update or residual, or
+        an encoding that would overflow float32 (a quantization range wider than 3.4e38).
       excluded: bool `[C]`, which clients were left out.
       residual_norm: float32 `[C]`, L2 norm of each client's new residual (0 without error
         feedback).
