@@ -629,14 +629,12 @@ def dequantize(q: Quantized) -> jax.Array:
     if not isinstance(q, Quantized):
         raise TypeError(f"q must be a Quantized (from fedkernels.quantize), got {type(q).__name__}")
     words = packed_words(q.length, q.bits)
-    batch = tuple(np.shape(q.packed)[:-1])
-    if (tuple(np.shape(q.packed))[-1:] != (words,) or tuple(np.shape(q.minimum)) != batch
-            or tuple(np.shape(q.maximum)) != batch):
+    packed, minimum, maximum = (tuple(np.shape(a)) for a in (q.packed, q.minimum, q.maximum))
+    if packed[-1:] != (words,) or minimum != packed[:-1] or maximum != packed[:-1]:
         raise ValueError(
             f"q's fields must agree: packed [..., {words}] (length {q.length} at {q.bits} bits), "
-            f"minimum and maximum of packed's batch shape; got packed "
-            f"{tuple(np.shape(q.packed))}, minimum {tuple(np.shape(q.minimum))}, maximum "
-            f"{tuple(np.shape(q.maximum))}"
+            f"minimum and maximum of packed's batch shape; got packed {packed}, minimum "
+            f"{minimum}, maximum {maximum}"
         )
     return _decode(unpack_bits(q.packed, q.bits, q.length).astype(jnp.float32), q)
 

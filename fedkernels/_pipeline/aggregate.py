@@ -149,8 +149,9 @@ def finalize(config: CompressorConfig, layout: Layout, sums: AggregateSums) -> j
         denominator = jnp.broadcast_to(sums.weight_sum, total.shape)
     has = denominator > 0
     sparse_mean = jnp.where(has, total / jnp.where(has, denominator, 1.0), 0.0)
-    if unbiased_scale(config, layout) != 1:
-        sparse_mean = sparse_mean * jnp.float32(unbiased_scale(config, layout))
+    scale = unbiased_scale(config, layout)
+    if scale != 1:
+        sparse_mean = sparse_mean * jnp.float32(scale)
     has_w = sums.weight_sum > 0
     dense_mean = jnp.where(has_w, sums.dense_total / jnp.where(has_w, sums.weight_sum, 1.0), 0.0)
     return join(layout, sparse_mean, dense_mean)

@@ -263,8 +263,8 @@ def compressor(template: Any, /, **options: Any) -> Compressor:
     Per client c (rows of a cohort, all clients at once): `acc = update + residual`;
     select k coordinates of the sparse segment (leaves with more than `dense_threshold`
     elements): top-k by magnitude (ties to the lower index), or k uniformly random ones
-    (random-k, values scaled by d_s/k when error feedback is off and `aggregation="mean"`, so
-    the sent update is unbiased; the masked mean averages the senders); quantize the k values
+    (random-k; when error feedback is off and `aggregation="mean"` the server scales the mean
+    by d_s/k, so it is unbiased; the masked mean averages the senders); quantize the k values
     to `bits` bits with the client's own [min, max] (or the shared range); bit-pack codes and
     indices (ceil(log2 d_s) bits each). The dense segment is sent as float32. With error
     feedback the new residual is `acc - decoded(sent)` (selection and quantization error), so

@@ -35,12 +35,16 @@ class MeasuredOutput(NamedTuple):
     measurements: Any
 
 
-def _stack(client_values: Any) -> Any:
+def _check_client_values(client_values: Any) -> None:
     if not isinstance(client_values, list | tuple) or not client_values:
         raise ValueError(
             "client_values must be a non-empty list with one value (pytree) per client, "
             f"got {type(client_values).__name__}"
         )
+
+
+def _stack(client_values: Any) -> Any:
+    _check_client_values(client_values)
     return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
                                   *client_values)
 
@@ -237,11 +241,7 @@ class ConcatProcess:
         return self.inner.initialize()
 
     def next(self, state: Any, client_values: Any, *weights: Any) -> MeasuredOutput:
-        if not isinstance(client_values, list | tuple) or not client_values:
-            raise ValueError(
-                "client_values must be a non-empty list with one value (pytree) per client, "
-                f"got {type(client_values).__name__}"
-            )
+        _check_client_values(client_values)
         # `concat_factory`'s layout: leaves in `tf.nest` order (every mapping's keys sorted),
         # raveled, one dtype for all.
         leaves, treedef = jax.tree_util.tree_flatten(_keys_sorted(client_values[0]))
