@@ -507,6 +507,45 @@ def test_row_norms_match_float64(d):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d", [100, 16_384 * 2])
+def test_row_norms_of_finite_rows_whose_squares_overflow(d):
+    """Entries from about 1.8e19 on overflow float32 squares: the norm is still the finite
+    float64 one wherever it fits float32, a row with Inf stays Inf, and an ordinary row in
+    the same batch keeps its norm."""
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(5, d)).astype(np.float32)
+    x[0, :10] = 1e20
+    x[1, 1] = -2e38  # norm 2e38: fits float32, its square does not
+    x[2, 3] = np.inf
+    x[3, 0] = 3e38
+    x[3, 1] = 3e38  # norm 4.2e38: beyond float32
+    got = np.asarray(jax.jit(row_norms)(jnp.asarray(x)), np.float64)
+    want = np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=1))
+    np.testing.assert_allclose(got[[0, 1, 4]], want[[0, 1, 4]], rtol=1e-5)
+    assert np.isinf(got[2]) and np.isinf(got[3])
+
+
+def test_residual_norm_of_a_huge_finite_residual_is_finite():
+    """A client whose residual keeps entries of 1e20 (finite, unsent) reports their norm, not
+    Inf, and so do the round's summaries; also when the client is excluded and its old
+    residual (with the same entries) is restored."""
+    c = 3
+    updates = make_updates(c)
+    residuals = np.random.default_rng(9).normal(size=(c, D_SPARSE)).astype(np.float32) * 1e-2
+    residuals[1, :3] = 1e20  # three entries above the rest; k is larger, all three are sent
+    residuals[1, 3:40] = 1e19  # more of them than k: some stay in the residual
+    comp = fk.compressor(TEMPLATE, **{**EF8, "bits": None})
+    result = comp.round(updates, KEY, residuals=jnp.asarray(residuals))
+    want = np.linalg.norm(np.asarray(result.residuals, np.float64), axis=1)
+    assert want[1] > 1e19  # the test can fail: huge entries stayed in the residual
+    np.testing.assert_allclose(result.metrics.residual_norm, want, rtol=1e-5)
+    assert result.metrics.as_dict()["residual_norm_max"] == pytest.approx(want.max(), rel=1e-5)
+    updates["w"] = updates["w"].at[1, 0, 0].set(jnp.nan)  # excluded: the old residual is kept
+    result = comp.round(updates, KEY, residuals=jnp.asarray(residuals))
+    np.testing.assert_allclose(result.metrics.residual_norm[1],
+                               np.linalg.norm(residuals[1].astype(np.float64)), rtol=1e-5)
+
+
 def test_residual_norm_metrics_are_those_of_the_new_residuals():
     c = 5
     updates = make_updates(c)

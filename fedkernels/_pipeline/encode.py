@@ -98,7 +98,7 @@ def restore_excluded(
         out, norms = carry
         row = order[j]
         old_row = lax.dynamic_index_in_dim(residuals, row, keepdims=False).astype(out.dtype)
-        norm = jnp.sqrt(jnp.sum(old_row * old_row))
+        norm = row_norms(old_row[None])[0]
         return lax.dynamic_update_index_in_dim(out, old_row, row, 0), norms.at[row].set(norm)
 
     new_residuals, norms = lax.fori_loop(
@@ -114,10 +114,29 @@ _NORM_BLOCK = 2048
 _NORM_BLOCKS_PER_STEP = 8
 
 
+# A finite row whose squares sum past float32 (entries from about 1.8e19 on) is summed again
+# scaled by this power of two: exact, and its squares then sum well inside float32. The
+# squares of entries below about 1e11 then flush to zero: with fewer than 1e9 entries they
+# sum to less than float32 rounding of the squares that overflowed (at least 3.4e38).
+_NORM_RESCALE = 2.0**-100
+
+
 def row_norms(x: jax.Array) -> jax.Array:
     """Euclidean norm of each row of float32 `[C, d]`, in one read of `x`: a loop over column
     blocks adds `block**2` into a `[C, _NORM_BLOCK]` accumulator (cache-resident), summed at
-    the end. XLA:CPU's own row reduction is slower for long rows."""
+    the end. XLA:CPU's own row reduction is slower for long rows. A finite row whose sum of
+    squares overflows float32 is summed again scaled (a second read, only when one does): its
+    norm is finite whenever it fits float32."""
+    norms = _row_norms_unscaled(x)
+
+    def rescaled() -> jax.Array:
+        again = _row_norms_unscaled(x * jnp.float32(_NORM_RESCALE))
+        return jnp.where(jnp.isinf(norms), again / jnp.float32(_NORM_RESCALE), norms)
+
+    return lax.cond(jnp.any(jnp.isinf(norms)), rescaled, lambda: norms)
+
+
+def _row_norms_unscaled(x: jax.Array) -> jax.Array:
     c, d = x.shape
     span = _NORM_BLOCK * _NORM_BLOCKS_PER_STEP
     steps = d // span
