@@ -41,7 +41,10 @@ def configuration_record(
     last = min(LAST_EVALS, len(record.rounds))
     uploaded = record.uploaded_bytes[:, -1]
     per_client = FLOAT32_BYTES * layout.size  # the whole update as float32
-    uncompressed = settings.rounds * settings.cohort * per_client
+    # What the clients that uploaded would have sent as float32: excluded clients send
+    # nothing, so they count on neither side of the ratio.
+    uploads = settings.rounds * settings.cohort - record.excluded_clients.astype(np.float64)
+    uncompressed = float(np.mean(uploads)) * per_client
     return {
         "name": name,
         "label": label,
@@ -105,7 +108,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     first = records[0]
     late = first["final"]["late_accuracy_rounds"]
     late_title = (
-        f"accuracy, mean of rounds {late[0]}-{late[-1]}" if len(late) > 1 else "accuracy"
+        f"accuracy, mean at rounds {', '.join(map(str, late))}" if len(late) > 1 else "accuracy"
     )
     lines = [
         f"| configuration | final accuracy | {late_title} | final loss | uploaded | "
@@ -116,10 +119,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
         final = rec["final"]
         late_key = next(k for k in final if k.startswith("accuracy_mean_of_last_"))
         ratio = rec["compression_ratio"]
+        ratio = "none uploaded" if ratio is None else f"{ratio:.1f}x"
         lines.append(
             f"| {rec['label']} | {_pm(final['accuracy'])} | {_pm(final[late_key])} | "
             f"{_pm(final['loss'])} | {format_bytes(rec['uploaded_bytes']['mean'])} | "
-            f"{ratio:.1f}x | {rec['wall_s']:.1f} |"
+            f"{ratio} | {rec['wall_s']:.1f} |"
         )
     seeds = first["seeds"]
     lines.append("")
@@ -127,7 +131,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         f"Mean ± sample sd over {len(seeds)} seeds ({', '.join(map(str, seeds))}); accuracy and "
         f"loss (cross-entropy) on the held-out test split after round {first['final']['round']}; "
         "uploaded: bytes all clients sent over the run (values, indices, scales); compression: "
-        "uncompressed float32 bytes / uploaded; wall s: all seeds, compilation included."
+        "the same uploads' float32 bytes / uploaded; wall s: all seeds, compilation included."
         if len(seeds) > 1 else
         "One seed, no spread; accuracy and loss (cross-entropy) on the held-out test split; "
         "uploaded: bytes all clients sent (values, indices, scales)."
@@ -159,7 +163,8 @@ def write_plots(records: list[dict[str, Any]], out: Path, title: str) -> list[Pa
                 text = rec["label"]
             else:
                 x = np.asarray(rec["cumulative_uploaded_bytes_mean"], np.float64)
-                text = f"{rec['label']} ({rec['compression_ratio']:.0f}x)"
+                ratio = rec["compression_ratio"]
+                text = rec["label"] + (" (none uploaded)" if ratio is None else f" ({ratio:.0f}x)")
             (line,) = ax.plot(x, mean, marker=".", label=text)
             if sd is not None:
                 sd = np.asarray(sd)

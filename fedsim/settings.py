@@ -129,6 +129,13 @@ def _int_in(low: int, high: int):
     return parse
 
 
+MAX_SEED = 2**32 - 1
+# numpy 1.25's Dirichlet sampler does not return for alpha around 1e-10 with hundreds of
+# clients; at 1e-3 one client already holds nearly all of a class. Above 1e6 the split is
+# uniform to within sampling noise.
+MIN_ALPHA, MAX_ALPHA = 1e-3, 1e6
+
+
 def _float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
     def parse(text: str) -> float:
         try:
@@ -167,8 +174,12 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def _seeds(text: str) -> tuple[int, ...]:
     values = _int_list(text)
-    if min(values) < 0 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct and >= 0, got {text!r}")
+    # A JAX key (jax.random.PRNGKey) keeps a seed's low 32 bits: seeds 0 and 2**32 would
+    # share every key.
+    if min(values) < 0 or max(values) > MAX_SEED or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"seeds must be distinct and in [0, {MAX_SEED}], got {text!r}"
+        )
     return values
 
 
@@ -210,14 +221,14 @@ FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("local_steps", "--local-steps", _int_at_least(1), "local SGD steps per sampled client"),
     ("batch_size", "--batch-size", _int_at_least(1),
      "examples per local step, drawn with replacement from the client's own data"),
-    ("client_lr", "--client-lr", _float_in(0, float("inf"), low_open=True),
+    ("client_lr", "--client-lr", _float_in(0, float("inf"), low_open=True, high_open=True),
      "client (local SGD) learning rate"),
-    ("server_lr", "--server-lr", _float_in(0, float("inf"), low_open=True),
+    ("server_lr", "--server-lr", _float_in(0, float("inf"), low_open=True, high_open=True),
      "server learning rate applied to the mean update"),
     ("server_momentum", "--server-momentum", _float_in(0, 1, high_open=True),
      "server momentum beta (FedAvgM; 0 is plain FedAvg)"),
     ("hidden", "--hidden", _hidden, "hidden layer widths of the MLP, comma-separated"),
-    ("dirichlet_alpha", "--dirichlet-alpha", _float_in(0, float("inf"), low_open=True),
+    ("dirichlet_alpha", "--dirichlet-alpha", _float_in(MIN_ALPHA, MAX_ALPHA),
      "non-IID split: each class is shared over clients in Dirichlet(alpha) proportions "
      "(smaller is more skewed)"),
     ("top_k_fraction", "--top-k", _float_in(0, 1, low_open=True),

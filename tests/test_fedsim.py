@@ -93,6 +93,12 @@ def test_flags_override_the_quick_or_full_defaults():
         (["--clients", "10", "--cohort", "11"], r"--cohort must be at most --clients \(10\)"),
         (["--data", "mnist"], "invalid choice: 'mnist'"),
         (["--rounds", "zero"], "expected an integer, got 'zero'"),
+        # A JAX key keeps a seed's low 32 bits: 2**32 would repeat seed 0's keys.
+        (["--seeds", "0,4294967296"], r"seeds must be distinct and in \[0, 4294967295\]"),
+        (["--client-lr", "inf"], r"--client-lr: must be in \(0, inf\), got inf"),
+        (["--server-lr", "1e309"], r"--server-lr: must be in \(0, inf\)"),
+        (["--dirichlet-alpha", "inf"], r"--dirichlet-alpha: must be in \[0.001, 1000000.0\]"),
+        (["--dirichlet-alpha", "1e-12"], r"--dirichlet-alpha: must be in \[0.001"),
     ],
 )
 def test_bad_settings_exit_with_a_clear_message(argv, message, capsys):
@@ -194,10 +200,35 @@ def test_json_holds_settings_per_seed_and_mean_sd_accuracy_loss_and_bytes(tiny_r
     assert compressed["uploaded_bytes"]["mean"] * 5 < uncompressed["uploaded_bytes"]["mean"]
 
 
+def test_excluded_clients_count_on_neither_side_of_the_compression_ratio(tmp_path):
+    """A client excluded for non-finite updates uploads nothing; the float32 baseline of the
+    ratio counts only the uploads made, so "uncompressed" stays 1.0x."""
+    argv = [*TINY, "--seeds", "0", "--configs", "uncompressed,topk-ef-quant",
+            "--client-lr", "1e30", "--out", str(tmp_path)]  # updates overflow to Inf
+    assert cli.main(argv, stdout=io.StringIO()) == 0
+    uncompressed, compressed = json.loads((tmp_path / "results.json").read_text())[
+        "configurations"]
+    assert uncompressed["excluded_clients_total"] > 0  # the test can fail: clients excluded
+    assert uncompressed["compression_ratio"] == pytest.approx(1.0)
+    layout = compressed["layout"]
+    assert compressed["compression_ratio"] == pytest.approx(
+        layout["uncompressed_bytes_per_client"] / layout["payload_bytes_per_client"])
+
+
+def test_a_configuration_with_no_upload_is_reported_not_a_crash(tiny_run, tmp_path):
+    """Every client excluded: no ratio (None in the JSON), "none uploaded" in the table and
+    the plot's legend."""
+    out, _, _ = tiny_run
+    records = json.loads((out / "results.json").read_text())["configurations"]
+    records[1] = {**records[1], "compression_ratio": None}
+    assert "| none uploaded |" in report.format_table(records)
+    assert len(report.write_plots(records, tmp_path, "none uploaded")) == 2
+
+
 def test_table_and_both_plots_are_written(tiny_run):
     out, printed, _ = tiny_run
     assert "| top-k 5% + EF + 8 bits |" in printed
-    assert "accuracy, mean of rounds 2-4" in printed  # says what the late column averages
+    assert "accuracy, mean at rounds 2, 4" in printed  # says what the late column averages
     assert "Mean ± sample sd over 2 seeds (0, 1)" in printed
     for name in ("accuracy_vs_rounds.png", "accuracy_vs_bytes.png"):
         png = (out / name).read_bytes()
