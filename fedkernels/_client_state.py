@@ -103,7 +103,9 @@ def residual_store(
     Raises:
       ValueError: `num_clients` < 1, `d` < 0, unknown dtype; at call time (concrete ids)
         ids out of `[0, N)` or repeated within a cohort (under `jit` duplicates keep one of
-        the rows, unspecified which); a state already consumed by a donating `scatter`.
+        the rows, unspecified which); a state already consumed by a donating `scatter`, or
+        one not of this store's shape and dtype.
+      TypeError: a state that is not a `ResidualState`.
 
     >>> import jax.numpy as jnp
     >>> store = residual_store(5, 3)
@@ -137,17 +139,35 @@ def residual_store(
     _scatter = jax.jit(_scatter_rows, donate_argnums=(0,) if donate else ())
 
     def gather(state: ResidualState, client_ids: Any) -> jax.Array:
-        _check_live(state)
+        _check_state(state, num_clients, d, dtype)
         return _gather(state.residuals, _check_ids(client_ids, num_clients))
 
     def scatter(state: ResidualState, client_ids: Any, residuals: Any) -> ResidualState:
-        _check_live(state)
+        _check_state(state, num_clients, d, dtype)
         ids = _check_ids(client_ids, num_clients)
         rows = _validate.floating("residuals", residuals)
         _validate.same_shape("residuals", rows, (ids.shape[0], d), "[C, d]")
         return ResidualState(_scatter(state.residuals, ids, rows))
 
     return ResidualStore(init, gather, scatter, residual_memory_bytes(num_clients, d, dtype))
+
+
+def _check_state(state: Any, num_clients: int, d: int, dtype: jnp.dtype) -> None:
+    """`state` is a live `ResidualState` of this store: `[N, d]` in its dtype (another
+    store's state would read NaN rows past its end and drop writes to them)."""
+    if not isinstance(state, ResidualState):
+        raise TypeError(
+            f"state must be the ResidualState of this store (store.init() or what scatter "
+            f"returned), got {type(state).__name__}"
+        )
+    residuals = state.residuals
+    shape, got_dtype = tuple(getattr(residuals, "shape", ())), getattr(residuals, "dtype", None)
+    if shape != (num_clients, d) or got_dtype != dtype:
+        raise ValueError(
+            f"state must hold this store's residuals, {dtype}[{num_clients}, {d}] "
+            f"(num_clients x d), got {got_dtype}{list(shape)}"
+        )
+    _check_live(state)
 
 
 def _check_live(state: ResidualState) -> None:

@@ -22,10 +22,26 @@ CLIENT_AXIS = "clients"
 
 
 def client_mesh(devices: Sequence[Any] | None = None, axis_name: str = CLIENT_AXIS) -> Mesh:
-    """A 1-D mesh over `devices` (default: all of `jax.devices()`) whose axis holds clients."""
+    """A 1-D mesh over `devices` (default: all of `jax.devices()`) whose axis holds clients.
+
+    Raises:
+      TypeError: `devices` not a sequence of `jax.Device`s.
+      ValueError: `devices` empty or naming a device twice.
+    """
+    if devices is not None and (isinstance(devices, str | bytes) or not isinstance(
+            devices, Sequence | np.ndarray)):
+        raise TypeError(f"devices must be a list of jax devices, got {devices!r}")
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must be non-empty, got []")
+    for device in devices:
+        if not isinstance(device, jax.Device):
+            raise TypeError(
+                f"devices must be jax devices (from jax.devices()), got {device!r} of type "
+                f"{type(device).__name__}"
+            )
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct, got {devices}")
     return Mesh(np.array(devices), (axis_name,))
 
 

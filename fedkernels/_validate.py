@@ -45,13 +45,28 @@ def static_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
 
 
 def as_array(name: str, value: Any) -> jax.Array:
-    """Converts array-likes with jnp.asarray; rejects what is not numeric with a named error."""
+    """Converts array-likes with jnp.asarray; rejects what is not numeric with a named error.
+
+    Without `jax_enable_x64`, JAX stores 64-bit integers in 32 bits: a value that would wrap
+    (an id 2**32 + 1 read as 1) raises ValueError naming `name` instead."""
     if isinstance(value, jax.Array):
         return value
     try:
         arr = jnp.asarray(value)
+    except OverflowError as err:
+        raise ValueError(f"{name} holds a value beyond JAX's integer range: {err}") from None
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be an array, got {type(value).__name__}: {err}") from None
+    if jnp.issubdtype(arr.dtype, jnp.integer) and arr.dtype.itemsize < 8:
+        host = np.asarray(value)
+        if host.dtype.kind in "iu" and host.dtype.itemsize > arr.dtype.itemsize and host.size:
+            info = np.iinfo(arr.dtype)
+            outside = (host < info.min) | (host > info.max)
+            if np.any(outside):
+                raise ValueError(
+                    f"{name} holds {host[outside].flat[0]}, beyond {arr.dtype} (the integer "
+                    f"type JAX uses unless jax_enable_x64 is on: [{info.min}, {info.max}])"
+                )
     return arr
 
 
@@ -110,7 +125,12 @@ def in_range(indices: jax.Array, n: int) -> jax.Array:
 def weights_vector(name: str, weights: Any, num_clients: int) -> jax.Array:
     """Client weights: float[C], finite and >= 0. Checked when concrete (ValueError); under
     `jit`/`vmap` a negative, NaN or infinite weight counts as 0, so that client contributes
-    nothing and the others' result stays as without it."""
+    nothing and the others' result stays as without it. 64-bit integer weights (example
+    counts) beyond int32 are taken as floats rather than refused."""
+    if not isinstance(weights, jax.Array):
+        host = np.asarray(weights)
+        if host.dtype.kind in "iu" and host.dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+            weights = host.astype(np.float64)
     arr = as_array(name, weights)
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")

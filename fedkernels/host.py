@@ -72,9 +72,14 @@ def keep_host_memory(enable: bool = True) -> bool:
     Returns:
       True if the setting was applied (Linux with glibc), False otherwise (nothing changed).
 
+    Raises:
+      TypeError: `enable` not a bool (`"False"` would otherwise turn it on).
+
     >>> keep_host_memory(False) in (True, False)
     True
     """
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be a bool, got {enable!r}")
     libc = _libc()
     if libc is None:
         return False

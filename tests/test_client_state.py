@@ -95,6 +95,33 @@ def test_bad_ids_raise():
         store.scatter(state, jnp.array([1, 2]), jnp.zeros((2, 3)))
 
 
+def test_int64_ids_beyond_int32_raise_instead_of_wrapping():
+    """JAX stores int64 in 32 bits unless x64 is on: 2**32 + 1 would have read client 1."""
+    store = fk.residual_store(4, 3, donate=False)
+    state = store.scatter(store.init(), jnp.array([1]), jnp.ones((1, 3)))
+    for call in (lambda ids: store.gather(state, ids),
+                 lambda ids: store.scatter(state, ids, jnp.full((1, 3), 7.0))):
+        with pytest.raises(ValueError, match="client_ids holds 4294967297, beyond int32"):
+            call(np.array([2**32 + 1], np.int64))
+    np.testing.assert_array_equal(store.gather(state, np.array([1, 2], np.int64))[:, 0], [1, 0])
+
+
+def test_a_state_not_of_this_store_raises():
+    """Another store's state would have read NaN rows past its end and dropped writes."""
+    store = fk.residual_store(6, 3)
+    other = fk.residual_store(4, 3).init()
+    with pytest.raises(ValueError, match=r"state must hold this store's residuals, "
+                                         r"float32\[6, 3\] \(num_clients x d\), got "
+                                         r"float32\[4, 3\]"):
+        store.scatter(other, jnp.array([5]), jnp.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"got bfloat16\[6, 3\]"):
+        store.gather(fk.residual_store(6, 3, "bfloat16").init(), jnp.array([0]))
+    with pytest.raises(TypeError, match="state must be the ResidualState of this store"):
+        store.gather(store.init().residuals, jnp.array([0]))
+    with pytest.raises(TypeError, match="got NoneType"):
+        store.scatter(None, jnp.array([0]), jnp.ones((1, 3)))
+
+
 @pytest.mark.parametrize("ids_dtype", [jnp.int32, jnp.uint32])
 def test_out_of_range_ids_under_jit_are_padding(ids_dtype):
     """Traced ids outside [0, N) (a cohort padded with -1, or uint32 2**32-1) never read or

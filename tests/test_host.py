@@ -134,3 +134,9 @@ def test_host_setting_lives_in_its_own_module():
     for name in ("keep_host_memory", "host_memory_kept", "release_host_memory"):
         assert not hasattr(fk, name), name
         assert name not in fk.__all__
+
+
+def test_keep_host_memory_takes_a_bool():
+    """`keep_host_memory("False")` turned the setting on (any truthy value did)."""
+    with pytest.raises(TypeError, match="enable must be a bool, got 'False'"):
+        host.keep_host_memory("False")

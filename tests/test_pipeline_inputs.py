@@ -135,6 +135,37 @@ def test_list_against_dict_template_prints_the_tree_structures(comp):
                    residuals=jnp.zeros((2, 32)))
 
 
+def test_int64_weights_beyond_int32_are_weights_and_ids_beyond_it_raise():
+    """Example counts as int64 are taken as they are (2**32 was read as 0), and an int64
+    client id beyond int32 raises instead of wrapping."""
+    comp = fk.compressor({"w": jnp.zeros(100)}, top_k_count=5)
+    updates = {"w": jnp.arange(1.0, 201.0).reshape(2, 100)}
+    weights = np.array([2**32, 1], np.int64)
+    mean = np.asarray(comp.round(updates, KEY, weights=weights).mean["w"], np.float64)
+    sent = np.where(np.arange(100) >= 95, np.asarray(updates["w"], np.float64), 0.0)
+    want = (weights[:, None].astype(np.float64) * sent).sum(0) / weights.sum()
+    np.testing.assert_allclose(mean, want, rtol=1e-6)
+    mean = comp.round(updates, KEY, weights=np.array([2**31, 2**31], np.int64)).mean["w"]
+    np.testing.assert_allclose(np.asarray(mean)[95:], np.arange(146.0, 151.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="client_ids holds 4294967296, beyond int32"):
+        comp.round(updates, KEY, client_ids=np.array([0, 2**32], np.int64))
+
+
+def test_subnormal_weights_weigh_as_their_ratio():
+    """XLA on CPU reads subnormal inputs as 0: weights of 1e-40 gave a zero mean while the
+    metrics counted both clients; they are the mean of weights [1, 1] (and 1:3 stays 1:3)."""
+    comp = fk.compressor(TEMPLATE, dense_threshold=3)  # no compression: the exact mean
+    updates = _updates(2, seed=5)
+    for weights in ([1e-40, 1e-40], [1e-41, 3e-41], [1e-40, 3e-30]):
+        w = np.asarray(weights, np.float64)
+        for run in (comp.round, jax.jit(comp.round)):
+            mean = run(updates, KEY, weights=jnp.asarray(w, jnp.float32)).mean
+            for leaf in ("b", "w"):
+                x = np.asarray(updates[leaf], np.float64)
+                want = np.tensordot(w / w.sum(), x, axes=1)
+                np.testing.assert_allclose(np.asarray(mean[leaf]), want, rtol=2e-3, atol=1e-7)
+
+
 @pytest.mark.parametrize("method", ["round", "decode"])
 def test_huge_finite_weights_give_a_finite_mean(method):
     comp = fk.compressor(TEMPLATE, dense_threshold=3)  # no compression: the exact mean
@@ -148,3 +179,27 @@ def test_huge_finite_weights_give_a_finite_mean(method):
     for leaf in ("b", "w"):
         want = np.asarray(updates[leaf], np.float64).mean(0)
         np.testing.assert_allclose(np.asarray(mean[leaf]), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "devices, error, message",
+    [
+        ("cpu", TypeError, "devices must be a list of jax devices, got 'cpu'"),
+        ([0, 1], TypeError, r"devices must be jax devices \(from jax.devices\(\)\), got 0 of "
+         "type int"),
+        ([], ValueError, r"devices must be non-empty, got \[\]"),
+        ("twice", ValueError, "devices must be distinct"),
+    ],
+)
+def test_client_mesh_names_bad_devices(devices, error, message):
+    """Such meshes were built, then the round failed with an AttributeError."""
+    if devices == "twice":
+        devices = [jax.devices()[0]] * 2
+    with pytest.raises(error, match=message):
+        fk.client_mesh(devices)
+
+
+def test_update_function_needs_a_vector_of_client_ids(comp):
+    with pytest.raises(ValueError, match=r"client_ids must be \[C\], one id per client, when "
+                                         r"updates is a function, got shape \(\)"):
+        comp.round(lambda ids: _updates(2), KEY, client_ids=5)

@@ -203,6 +203,11 @@ class Compressor:
         if update_fn is not None:
             if client_ids is None:
                 raise ValueError("client_ids must be given when updates is a function, got None")
+            if np.ndim(client_ids) != 1:
+                raise ValueError(
+                    "client_ids must be [C], one id per client, when updates is a function, "
+                    f"got shape {np.shape(client_ids)}"
+                )
             c = int(np.shape(client_ids)[0])
         else:
             c = rnd.check_updates(layout, updates)

@@ -239,13 +239,26 @@ def check_weights(config: CompressorConfig, weights: Any, c: int) -> jax.Array:
     return _validate.weights_vector("weights", weights, c).astype(jnp.float32)
 
 
+_TINY_WEIGHT_BITS = int(np.float32(2.0**-100).view(np.int32))
+
+
 def normalized(weights: jax.Array) -> jax.Array:
     """weights / max(weights): the same mean, and no overflow of their sum or of the
     weighted sums however large the finite weights are (ones stay ones, bit for bit).
 
     The divisor is clipped to [2**-126, 2**126], so that its reciprocal (XLA may divide by
     multiplying with it) is a normal float32 and not flushed to zero: beyond 2**126 the
-    largest weight becomes at most 4 instead of 1."""
+    largest weight becomes at most 4 instead of 1.
+
+    Weights all below 2**-100 are first scaled by 2**149, exactly, from their bits: XLA on CPU
+    reads subnormal inputs as 0, so `[1e-40, 1e-40]` would otherwise weigh nothing, where it
+    gives the mean of `[1, 1]`. (A subnormal's value times 2**149 is its mantissa field.)"""
+    bits = lax.bitcast_convert_type(weights, jnp.int32)  # ordered as the weights: all >= 0
+    tiny = jnp.max(bits, initial=0) < _TINY_WEIGHT_BITS
+    subnormal = (bits & 0x7F800000) == 0
+    scaled = jnp.where(subnormal, (bits & 0x7FFFFF).astype(jnp.float32),
+                       weights * jnp.float32(2.0**100) * jnp.float32(2.0**49))
+    weights = jnp.where(tiny, scaled, weights)
     top = jnp.max(weights, initial=0.0)
     scale = jnp.clip(top, jnp.float32(2.0**-126), jnp.float32(2.0**126))
     return jnp.where(top > 0, weights / scale, weights)
