@@ -74,7 +74,8 @@ def flatten(tree: Any, batch_ndim: int = 0, dtype: Any = None) -> tuple[jax.Arra
         the same `batch_ndim` leading dimensions. Leaves may have different dtypes and may be
         zero-sized.
       batch_ndim: static int >= 0, how many leading dimensions are batch dimensions.
-      dtype: dtype of the flat vector. Default: the JAX promotion of all leaf dtypes
+      dtype: dtype of the flat vector, as JAX stores it (float64 is float32 and int64 int32
+        unless `jax_enable_x64` is on). Default: the JAX promotion of all leaf dtypes
         (`jnp.result_type`), widened to at least float32 when integer and floating leaves mix:
         a float32 tree gives float32, int32 + float32 or int32 + float16 gives float32,
         bfloat16 + float16 gives float32, float16 alone stays float16, and a tree of only
@@ -134,7 +135,9 @@ def flatten(tree: Any, batch_ndim: int = 0, dtype: Any = None) -> tuple[jax.Arra
             # widen to at least float32 (exact for integers up to 2**24).
             flat_dtype = jnp.promote_types(flat_dtype, jnp.float32)
     else:
-        flat_dtype = jnp.dtype(dtype)
+        # What JAX will store: float64 is float32 (int64 int32) unless x64 is on, and the
+        # unflatten must expect the dtype the flat vector really has.
+        flat_dtype = jax.dtypes.canonicalize_dtype(jnp.dtype(dtype))
     batch = batch or ()
     unflatten = Unflatten(
         treedef=treedef,

@@ -336,14 +336,20 @@ def masked_mean(x: Any, weights: Any = None, mask: Any = None) -> jax.Array:
         _, exponent = jnp.frexp(jnp.max(weights))
         weights = jnp.ldexp(weights, -jnp.minimum(exponent, 0))
 
+    # A mean lies within its terms' range; rounding can still carry a mean of values at the
+    # float limit just past it (to Inf): it is clipped back to the largest float.
+    largest = jnp.finfo(x.dtype).max
+
     def finish(numerator, denominator):
         denominator = denominator.astype(acc_dtype)
         has = denominator > 0
-        return jnp.where(has, numerator / jnp.where(has, denominator, 1), 0)
+        mean = jnp.where(has, numerator / jnp.where(has, denominator, 1), 0)
+        return jnp.clip(mean, -largest, largest)
 
     def repair(mean, overflowed, scaled):
         ratio = scaled.numerator / jnp.where(scaled.denominator > 0, scaled.denominator, 1)
-        return jnp.where(overflowed, jnp.ldexp(ratio, scaled.column_exponent), mean)
+        rescued = jnp.clip(jnp.ldexp(ratio, scaled.column_exponent), -largest, largest)
+        return jnp.where(overflowed, rescued, mean)
 
     mean = _guarded_sums(x, weights, mask, acc_dtype, count_dtype, finish, repair)
     return mean.reshape(out_shape).astype(x.dtype)

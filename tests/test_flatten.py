@@ -193,3 +193,15 @@ def test_integer_and_bool_trees_concatenate_exactly():
         assert got.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(got), expected)
     _assert_tree_equal_bitwise(unflatten(flat), tree)
+
+
+def test_a_64_bit_dtype_without_x64_is_the_dtype_jax_stores():
+    """`flatten(tree, dtype=float64)` returns float32 without x64; its unflatten expected
+    float64 and refused flatten's own output."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 on: float64 is stored as float64")
+    for dtype, leaf, stored in ((jnp.float64, jnp.ones(3), jnp.float32),
+                                (np.int64, jnp.arange(3, dtype=jnp.int32), jnp.int32)):
+        flat, unflatten = fk.flatten({"a": leaf}, dtype=dtype)
+        assert flat.dtype == stored and unflatten.flat_dtype == stored
+        np.testing.assert_array_equal(unflatten(flat)["a"], leaf)

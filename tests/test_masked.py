@@ -261,6 +261,19 @@ def test_overflowing_sums_give_the_mean_and_saturate(run):
     np.testing.assert_array_equal(mean, [1.0])
 
 
+@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+def test_a_mean_of_the_largest_float_is_not_inf(run):
+    """Three clients sending float32's largest value with weight 0.7: the rescued ratio
+    rounded to 4 * 2**126 = Inf; it is the largest float (clipped: a mean lies within its
+    terms' range)."""
+    big = np.finfo(np.float32).max
+    for c, w in ((3, 0.7), (7, 0.3), (2, 1.0)):
+        x = np.full((c, 2), big, np.float32)
+        x[:, 1] *= -1
+        mean = np.asarray(run(fk.masked_mean, x, np.full((c,), w, np.float32)))
+        np.testing.assert_array_equal(mean, [big, -big])
+
+
 def test_overflow_leaves_other_coordinates_bit_for_bit():
     rng = np.random.default_rng(12)
     x = _with_non_finite(rng, (23, 8209))
