@@ -116,7 +116,7 @@ class _ScaledSums(NamedTuple):
     numerator: jax.Array  # shape=[d], dtype=acc_dtype
     denominator: jax.Array  # shape=[d], dtype=acc_dtype
     numerator_exponent: jax.Array  # shape=[d], dtype=int32
-    denominator_exponent: jax.Array  # shape=[], dtype=int32
+    denominator_exponent: jax.Array  # shape=[d] (weighted) or [], dtype=int32
     column_exponent: jax.Array  # shape=[d], dtype=int32
 
 
@@ -156,7 +156,9 @@ def _scaled_sums(
 ) -> _ScaledSums:
     """The sums of `masked_sum`, free of overflow for finite inputs: each column of `x` is
     scaled by a power of two that brings its largest contributing magnitude below 4, and the
-    weights by one that brings the largest below `2**-headroom`, so C terms sum below 1/2.
+    weights, per column, by one that brings the largest weight contributing there below
+    `2**-headroom`, so C terms sum below 1/2 (per column: a light client alone in a column
+    keeps its weight where a heavy client elsewhere would have scaled it to nothing).
     Powers of two scale exactly (while results stay normal numbers); only terms some 2**126
     times smaller than their column's largest lose bits, far below float32 precision."""
     num_clients = x.shape[0]
@@ -179,11 +181,14 @@ def _scaled_sums(
     if weights is None:
         weight_exponent = jnp.int32(0)
         scaled_weights = jnp.full((num_clients,), 2.0**-headroom, acc_dtype)
+        numerator, denominator = _blocked_sums(x, scaled_weights, mask, acc_dtype,
+                                               column_scale)
     else:
-        _, weight_exponent = jnp.frexp(jnp.max(weights))  # max weight < 2**weight_exponent
+        column_weight = jnp.max(jnp.where(contributes, weights[:, None], 0), axis=0)
+        _, weight_exponent = jnp.frexp(column_weight)  # < 2**weight_exponent, per column
         weight_exponent = weight_exponent.astype(jnp.int32)
-        scaled_weights = jnp.ldexp(weights, -(weight_exponent + headroom))
-    numerator, denominator = _blocked_sums(x, scaled_weights, mask, acc_dtype, column_scale)
+        numerator, denominator = _blocked_sums(x, weights, mask, acc_dtype, column_scale,
+                                               weight_exponent + headroom)
     return _ScaledSums(
         numerator,
         denominator,
@@ -209,9 +214,11 @@ def _blocked_sums(
     mask: jax.Array | None,
     acc_dtype: Any,
     column_scale: jax.Array | None = None,
+    weight_shift: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Flat `(numerator, denominator)` of `masked_sum`, both `acc_dtype`, in one pass over `x`
-    (each value first multiplied by `column_scale[j]` when given, flat `[d]`).
+    (each value first multiplied by `column_scale[j]` when given, flat `[d]`, and each weight
+    in column j by `2**-weight_shift[j]` when given).
 
     XLA:CPU emits every output of a loop step as its own loop, so accumulating numerator and
     count as two arrays reads each row twice, and a column reduction (`sum(axis=0)`) is slow.
@@ -252,7 +259,11 @@ def _blocked_sums(
                 values = values * column_scale[start : start + num_blocks * length].reshape(shape)
             one = jnp.ones((), acc_dtype)
             if w is not None:
-                values, one = values * w, w
+                weight = w
+                if weight_shift is not None:
+                    shift = weight_shift[start : start + num_blocks * length].reshape(shape)
+                    weight = jnp.ldexp(w, -shift)
+                values, one = values * weight, weight
             out.append(acc + jnp.where(contributes, jnp.where(is_numerator, values, one), 0))
         return tuple(out)
 

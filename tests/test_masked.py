@@ -274,6 +274,22 @@ def test_a_mean_of_the_largest_float_is_not_inf(run):
         np.testing.assert_array_equal(mean, [big, -big])
 
 
+@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+def test_a_light_client_alone_in_an_overflowing_column_keeps_its_weight(run):
+    """The rescue pass scaled every weight by the largest one: weight 3 beside 2e38 became
+    3 * 2**-132, flushed to 0, and the column's mean came out 0. Weights are now scaled per
+    column by the largest weight contributing there."""
+    x = np.array([[2.8e38, 1.0], [0.0, 2.0]], np.float32)  # client 1 sends nothing in col 0
+    w = np.array([3.0, 2e38], np.float32)
+    mean = np.asarray(run(fk.masked_mean, x, w))
+    want = _float64_sums(x, w)
+    np.testing.assert_allclose(mean, want[0] / want[1], rtol=1e-6)
+    numerator, denominator = run(fk.masked_sum, x, w)
+    big = np.finfo(np.float32).max  # both sums are beyond float32: saturated
+    np.testing.assert_array_equal(np.asarray(numerator), [big, big])
+    np.testing.assert_allclose(np.asarray(denominator), [3.0, 2e38], rtol=1e-6)
+
+
 def test_overflow_leaves_other_coordinates_bit_for_bit():
     rng = np.random.default_rng(12)
     x = _with_non_finite(rng, (23, 8209))
