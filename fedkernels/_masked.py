@@ -12,6 +12,25 @@ from jax import lax
 from fedkernels import _validate
 from fedkernels._loops import ROWS_PER_STEP, fold_rows
 
+# Largest bits (as int32) of a float32 weight that `scale_tiny_weights` scales up: 2**-100.
+_TINY_WEIGHT_BITS = 0x0D800000
+
+
+def scale_tiny_weights(weights: jax.Array) -> jax.Array:
+    """float32 weights (all >= 0), all scaled by 2**149 when every one is below 2**-100, from
+    their bits, exactly: XLA on CPU reads subnormal inputs as 0, so weights `[1e-40, 1e-40]`
+    would weigh nothing where only their ratio matters. A subnormal's value times 2**149 is
+    its mantissa field as an integer; a normal weight below 2**-100 times 2**149 is normal.
+    Other weights (and other dtypes) are returned unchanged."""
+    if weights.dtype != jnp.float32:
+        return weights
+    bits = lax.bitcast_convert_type(weights, jnp.int32)  # ordered as the weights: all >= 0
+    tiny = jnp.max(bits, initial=0) < _TINY_WEIGHT_BITS
+    subnormal = (bits & 0x7F800000) == 0
+    scaled = jnp.where(subnormal, (bits & 0x7FFFFF).astype(jnp.float32),
+                       weights * jnp.float32(2.0**100) * jnp.float32(2.0**49))
+    return jnp.where(tiny, scaled, weights)
+
 
 def _check(x: Any, weights: Any, mask: Any) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     x = _validate.floating("x", x)
@@ -343,7 +362,7 @@ def masked_mean(x: Any, weights: Any = None, mask: Any = None) -> jax.Array:
         # Weights matter only relative to each other: tiny ones are scaled up by a power of
         # two (exact) until the largest is in [1/2, 1), so their products with `x` do not
         # underflow to 0. Larger weights are left as they are (overflow has its own repair).
-        weights = weights.astype(acc_dtype)
+        weights = scale_tiny_weights(weights.astype(acc_dtype))
         _, exponent = jnp.frexp(jnp.max(weights))
         weights = jnp.ldexp(weights, -jnp.minimum(exponent, 0))
 

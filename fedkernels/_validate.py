@@ -47,27 +47,49 @@ def static_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
 def as_array(name: str, value: Any) -> jax.Array:
     """Converts array-likes with jnp.asarray; rejects what is not numeric with a named error.
 
-    Without `jax_enable_x64`, JAX stores 64-bit integers in 32 bits: a value that would wrap
-    (an id 2**32 + 1 read as 1) raises ValueError naming `name` instead."""
+    Without `jax_enable_x64`, JAX stores 64-bit numbers in 32 bits: an integer that would wrap
+    (an id 2**32 + 1 read as 1) or a finite float beyond float32 (1e39 read as Inf, then
+    dropped as non-finite) raises ValueError naming `name` instead."""
     if isinstance(value, jax.Array):
         return value
+    if isinstance(value, np.ndarray | np.generic | float | list | tuple):
+        try:
+            host = np.asarray(value)
+        except (TypeError, ValueError):
+            host = None  # not one array: jnp.asarray says why below
+        if host is not None:
+            _check_narrowing(name, host)
     try:
         arr = jnp.asarray(value)
     except OverflowError as err:
         raise ValueError(f"{name} holds a value beyond JAX's integer range: {err}") from None
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be an array, got {type(value).__name__}: {err}") from None
-    if jnp.issubdtype(arr.dtype, jnp.integer) and arr.dtype.itemsize < 8:
-        host = np.asarray(value)
-        if host.dtype.kind in "iu" and host.dtype.itemsize > arr.dtype.itemsize and host.size:
-            info = np.iinfo(arr.dtype)
-            outside = (host < info.min) | (host > info.max)
-            if np.any(outside):
-                raise ValueError(
-                    f"{name} holds {host[outside].flat[0]}, beyond {arr.dtype} (the integer "
-                    f"type JAX uses unless jax_enable_x64 is on: [{info.min}, {info.max}])"
-                )
     return arr
+
+
+def _check_narrowing(name: str, host: np.ndarray | np.generic) -> None:
+    """Raises if JAX would store `host` in a narrower dtype that changes a value."""
+    stored = jax.dtypes.canonicalize_dtype(host.dtype)
+    if stored.itemsize >= host.dtype.itemsize or host.size == 0:
+        return
+    host = np.asarray(host)
+    if host.dtype.kind == "f":
+        largest = np.finfo(stored).max
+        with np.errstate(invalid="ignore"):
+            outside = np.isfinite(host) & (np.abs(host) > largest)
+        kind, limits = "float", f"magnitudes up to {float(largest):.8g}"
+    elif host.dtype.kind in "iu":
+        info = np.iinfo(stored)
+        outside = (host < info.min) | (host > info.max)
+        kind, limits = "integer", f"[{info.min}, {info.max}]"
+    else:
+        return
+    if np.any(outside):
+        raise ValueError(
+            f"{name} holds {host[outside].flat[0]}, beyond {stored} (the {kind} type JAX uses "
+            f"unless jax_enable_x64 is on: {limits})"
+        )
 
 
 def floating(name: str, value: Any) -> jax.Array:

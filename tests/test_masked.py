@@ -342,6 +342,29 @@ def test_tiny_weights_give_the_mean():
     np.testing.assert_allclose(got, [0.5, 4.0, 2.5e-10], rtol=1e-6)
 
 
+@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+def test_subnormal_weights_weigh_as_their_ratio(run):
+    """XLA on CPU reads subnormal inputs as 0: weights [1e-40, 1e-40] gave a mean of 0."""
+    x = np.array([[1.0, 0.0], [3.0, 5.0]], np.float32)
+    for w in ([1e-40, 1e-40], [1e-40, 3e-40], [1e-41, 2e-39]):
+        w = np.asarray(w, np.float32)
+        want = _float64_sums(x, w)
+        np.testing.assert_allclose(np.asarray(run(fk.masked_mean, x, w)), want[0] / want[1],
+                                   rtol=1e-4)
+
+
+def test_float64_beyond_float32_is_refused_not_dropped():
+    """Without x64, a NumPy float64 1e39 became Inf in the cast and was then dropped as
+    non-finite (the mean of [1e39, 1] was 1)."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 on: float64 holds 1e39")
+    with pytest.raises(ValueError, match=r"x holds 1e\+39, beyond float32"):
+        fk.masked_mean(np.array([[1e39], [1.0]]))
+    with pytest.raises(ValueError, match=r"values holds -1e\+39, beyond float32"):
+        fk.scatter_sum(np.array([[-1e39, 2.0]]), np.array([[0, 1]]), 2)
+    np.testing.assert_array_equal(fk.masked_mean(np.array([[np.inf], [1.0]])), [1.0])
+
+
 def test_invalid_weights_under_jit_count_as_zero():
     """Under jit weights are not checked (not concrete): a negative, NaN or Inf weight counts as
     0 in masked_mean, masked_sum and scatter_sum, so the other clients' result is unchanged."""

@@ -15,6 +15,7 @@ from jax import lax
 
 from fedkernels import _sharding, _validate
 from fedkernels._flatten import flatten
+from fedkernels._masked import scale_tiny_weights
 from fedkernels._pipeline import aggregate as agg
 from fedkernels._pipeline.aggregate import AggregateSums
 from fedkernels._pipeline.config import CompressorConfig
@@ -239,9 +240,6 @@ def check_weights(config: CompressorConfig, weights: Any, c: int) -> jax.Array:
     return _validate.weights_vector("weights", weights, c).astype(jnp.float32)
 
 
-_TINY_WEIGHT_BITS = int(np.float32(2.0**-100).view(np.int32))
-
-
 def normalized(weights: jax.Array) -> jax.Array:
     """weights / max(weights): the same mean, and no overflow of their sum or of the
     weighted sums however large the finite weights are (ones stay ones, bit for bit).
@@ -250,15 +248,10 @@ def normalized(weights: jax.Array) -> jax.Array:
     multiplying with it) is a normal float32 and not flushed to zero: beyond 2**126 the
     largest weight becomes at most 4 instead of 1.
 
-    Weights all below 2**-100 are first scaled by 2**149, exactly, from their bits: XLA on CPU
+    Weights all below 2**-100 are first scaled up exactly (`scale_tiny_weights`): XLA on CPU
     reads subnormal inputs as 0, so `[1e-40, 1e-40]` would otherwise weigh nothing, where it
-    gives the mean of `[1, 1]`. (A subnormal's value times 2**149 is its mantissa field.)"""
-    bits = lax.bitcast_convert_type(weights, jnp.int32)  # ordered as the weights: all >= 0
-    tiny = jnp.max(bits, initial=0) < _TINY_WEIGHT_BITS
-    subnormal = (bits & 0x7F800000) == 0
-    scaled = jnp.where(subnormal, (bits & 0x7FFFFF).astype(jnp.float32),
-                       weights * jnp.float32(2.0**100) * jnp.float32(2.0**49))
-    weights = jnp.where(tiny, scaled, weights)
+    gives the mean of `[1, 1]`."""
+    weights = scale_tiny_weights(weights)
     top = jnp.max(weights, initial=0.0)
     scale = jnp.clip(top, jnp.float32(2.0**-126), jnp.float32(2.0**126))
     return jnp.where(top > 0, weights / scale, weights)
