@@ -176,7 +176,8 @@ def top_k_with_feedback(
     al. 2019, "Error Feedback Fixes SignSGD").
 
     `acc = x + residual`; `values, indices = top_k(acc, k)`; `new_residual` is `acc` with the
-    selected coordinates set to 0. Exact invariant (bit for bit):
+    selected coordinates set to 0. Exact invariant (no rounding: equal as floats, bit for bit
+    except that a -0.0 entry of `acc` comes back as +0.0):
     `scatter(values, indices, d) + new_residual == acc`.
 
     Args:
