@@ -173,13 +173,17 @@ def _guarded_sums(
 def _scaled_sums(
     x: jax.Array, weights: jax.Array | None, mask: jax.Array | None, acc_dtype: Any
 ) -> _ScaledSums:
-    """The sums of `masked_sum`, free of overflow for finite inputs: each column of `x` is
-    scaled by a power of two that brings its largest contributing magnitude below 4, and the
-    weights, per column, by one that brings the largest weight contributing there below
-    `2**-headroom`, so C terms sum below 1/2 (per column: a light client alone in a column
-    keeps its weight where a heavy client elsewhere would have scaled it to nothing).
-    Powers of two scale exactly (while results stay normal numbers); only terms some 2**126
-    times smaller than their column's largest lose bits, far below float32 precision."""
+    """The sums of `masked_sum`, free of overflow for finite inputs, each column scaled by
+    powers of two (exact while results stay normal numbers) so that C terms sum below 1/2.
+
+    Unweighted, each column of `x` is scaled to bring its largest contributing magnitude
+    below 4 and every term by `2**-headroom`. Weighted, the numerator's terms `w_c x_cj` are
+    formed from mantissas and exponents (`frexp`), scaled per column by the largest product
+    contributing there, and the denominator's weights per column by the largest weight
+    contributing there: scaling `w` and `x` apart would flush a product of a light weight and
+    a huge value to 0 beside a heavy weight on a small value, though it is the column's
+    largest term. Only terms some 2**126 times smaller than their column's largest lose bits,
+    far below float32 precision."""
     num_clients = x.shape[0]
     flat = x.reshape(num_clients, -1)
     contributes = jnp.isfinite(flat)
@@ -187,6 +191,29 @@ def _scaled_sums(
         contributes &= flat != 0
     else:
         contributes &= mask.reshape(flat.shape)
+    headroom = math.ceil(math.log2(num_clients)) + 3  # C terms below 4 * 2**-headroom each
+    if weights is not None:
+        contributes &= weights[:, None] > 0
+        _, x_exponent = jnp.frexp(jnp.where(contributes, flat, 0).astype(acc_dtype))
+        _, w_exponent = jnp.frexp(weights)
+        lowest = jnp.iinfo(jnp.int32).min
+        products = jnp.where(contributes, x_exponent + w_exponent[:, None], lowest)
+        product_exponent = jnp.max(products, axis=0).astype(jnp.int32)  # |w x| < 2**it
+        product_exponent = jnp.where(product_exponent == lowest, 0, product_exponent)
+        column_weight = jnp.max(jnp.where(contributes, weights[:, None], 0), axis=0)
+        _, weight_exponent = jnp.frexp(column_weight)  # < 2**weight_exponent, per column
+        weight_exponent = weight_exponent.astype(jnp.int32)
+        numerator, denominator = _blocked_sums(
+            x, weights, mask, acc_dtype,
+            scaled=(product_exponent + headroom, weight_exponent + headroom),
+        )
+        return _ScaledSums(
+            numerator,
+            denominator,
+            product_exponent + headroom,
+            weight_exponent + headroom,
+            product_exponent - weight_exponent,
+        )
     info = jnp.finfo(acc_dtype)
     column_max = jnp.max(jnp.where(contributes, jnp.abs(flat).astype(acc_dtype), 0), axis=0)
     _, column_exponent = jnp.frexp(column_max)  # column_max < 2**column_exponent
@@ -196,23 +223,10 @@ def _scaled_sums(
         jnp.int32
     )
     column_scale = jnp.ldexp(jnp.ones((), acc_dtype), -column_exponent)
-    headroom = math.ceil(math.log2(num_clients)) + 3  # C terms below 4 * 2**-headroom each
-    if weights is None:
-        weight_exponent = jnp.int32(0)
-        scaled_weights = jnp.full((num_clients,), 2.0**-headroom, acc_dtype)
-        numerator, denominator = _blocked_sums(x, scaled_weights, mask, acc_dtype,
-                                               column_scale)
-    else:
-        column_weight = jnp.max(jnp.where(contributes, weights[:, None], 0), axis=0)
-        _, weight_exponent = jnp.frexp(column_weight)  # < 2**weight_exponent, per column
-        weight_exponent = weight_exponent.astype(jnp.int32)
-        numerator, denominator = _blocked_sums(x, weights, mask, acc_dtype, column_scale,
-                                               weight_exponent + headroom)
+    scaled_weights = jnp.full((num_clients,), 2.0**-headroom, acc_dtype)
+    numerator, denominator = _blocked_sums(x, scaled_weights, mask, acc_dtype, column_scale)
     return _ScaledSums(
-        numerator,
-        denominator,
-        column_exponent + weight_exponent + headroom,
-        weight_exponent + headroom,
+        numerator, denominator, column_exponent + headroom, jnp.int32(headroom),
         column_exponent,
     )
 
@@ -233,11 +247,13 @@ def _blocked_sums(
     mask: jax.Array | None,
     acc_dtype: Any,
     column_scale: jax.Array | None = None,
-    weight_shift: jax.Array | None = None,
+    scaled: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Flat `(numerator, denominator)` of `masked_sum`, both `acc_dtype`, in one pass over `x`
-    (each value first multiplied by `column_scale[j]` when given, flat `[d]`, and each weight
-    in column j by `2**-weight_shift[j]` when given).
+    (each value first multiplied by `column_scale[j]` when given, flat `[d]`). With `scaled =
+    (product_shift, weight_shift)` (int32 `[d]`, weights required) the terms are
+    `w_c x_cj * 2**-product_shift[j]`, formed from mantissas and exponents so that they never
+    overflow, and `w_c * 2**-weight_shift[j]`.
 
     XLA:CPU emits every output of a loop step as its own loop, so accumulating numerator and
     count as two arrays reads each row twice, and a column reduction (`sum(axis=0)`) is slow.
@@ -277,12 +293,17 @@ def _blocked_sums(
             if column_scale is not None:
                 values = values * column_scale[start : start + num_blocks * length].reshape(shape)
             one = jnp.ones((), acc_dtype)
-            if w is not None:
-                weight = w
-                if weight_shift is not None:
-                    shift = weight_shift[start : start + num_blocks * length].reshape(shape)
-                    weight = jnp.ldexp(w, -shift)
-                values, one = values * weight, weight
+            if scaled is not None:
+                product_shift, weight_shift = (
+                    a[start : start + num_blocks * length].reshape(shape) for a in scaled
+                )
+                x_mantissa, x_exponent = jnp.frexp(jnp.where(contributes, values, 0))
+                w_mantissa, w_exponent = jnp.frexp(w)
+                values = jnp.ldexp(x_mantissa * w_mantissa,
+                                   x_exponent + w_exponent - product_shift)
+                one = jnp.ldexp(w, -weight_shift)
+            elif w is not None:
+                values, one = values * w, w
             out.append(acc + jnp.where(contributes, jnp.where(is_numerator, values, one), 0))
         return tuple(out)
 

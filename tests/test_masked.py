@@ -290,6 +290,29 @@ def test_a_light_client_alone_in_an_overflowing_column_keeps_its_weight(run):
     np.testing.assert_allclose(np.asarray(denominator), [3.0, 2e38], rtol=1e-6)
 
 
+@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+def test_the_largest_product_survives_the_overflow_rescue(run):
+    """Weight 2e38 on 1e-30 beside weight 3 on -3e38: scaling weights and values apart
+    flushed 3 * 2**-135 to 0 and the mean came out 0; the terms are now scaled by the
+    column's largest product. Plus random columns mixing huge and tiny weights and values."""
+    x = np.array([[1e-30], [-3e38]], np.float32)
+    w = np.array([2e38, 3.0], np.float32)
+    want = _float64_sums(x, w)
+    np.testing.assert_allclose(np.asarray(run(fk.masked_mean, x, w)), want[0] / want[1],
+                               rtol=1e-6)
+    numerator, _ = run(fk.masked_sum, x, w)
+    np.testing.assert_array_equal(np.asarray(numerator), [-np.finfo(np.float32).max])
+    rng = np.random.default_rng(14)
+    x = (rng.uniform(-1, 1, (9, 64)) * rng.choice([3.4e38, 1e38, 1.0, 1e-30], (9, 64)))
+    x = x.astype(np.float32)
+    w = rng.choice([0.1, 3.0, 1e30, 1e-30, 2e38], 9).astype(np.float32)
+    numerator, denominator = _float64_sums(x, w)
+    mean = np.asarray(run(fk.masked_mean, x, w), np.float64)
+    bound = _float64_sums(np.abs(x), w)[0]  # float32 rounding is relative to this
+    np.testing.assert_array_less(np.abs(mean - numerator / denominator),
+                                 1e-5 * bound / denominator)
+
+
 def test_overflow_leaves_other_coordinates_bit_for_bit():
     rng = np.random.default_rng(12)
     x = _with_non_finite(rng, (23, 8209))
