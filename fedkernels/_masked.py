@@ -383,6 +383,11 @@ def masked_mean(x: Any, weights: Any = None, mask: Any = None) -> jax.Array:
         # Weights matter only relative to each other: tiny ones are scaled up by a power of
         # two (exact) until the largest is in [1/2, 1), so their products with `x` do not
         # underflow to 0. Larger weights are left as they are (overflow has its own repair).
+        if weights.dtype.itemsize > jnp.dtype(acc_dtype).itemsize:
+            # Wider weights (float64 with x64 on, float32 x): only their ratios matter, taken
+            # in their own dtype, so that 1e300 or 1e-300 survive the cast to acc_dtype.
+            top = jnp.max(weights)
+            weights = jnp.where(top > 0, weights / jnp.where(top > 0, top, 1), weights)
         weights = scale_tiny_weights(weights.astype(acc_dtype))
         _, exponent = jnp.frexp(jnp.max(weights))
         weights = jnp.ldexp(weights, -jnp.minimum(exponent, 0))

@@ -9,7 +9,7 @@ The same code runs on several CPU host devices
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -29,7 +29,7 @@ def client_mesh(devices: Sequence[Any] | None = None, axis_name: str = CLIENT_AX
       ValueError: `devices` empty or naming a device twice.
     """
     if devices is not None and (isinstance(devices, str | bytes) or not isinstance(
-            devices, Sequence | np.ndarray)):
+            devices, Iterable)):
         raise TypeError(f"devices must be a list of jax devices, got {devices!r}")
     devices = list(jax.devices() if devices is None else devices)
     if not devices:

@@ -76,8 +76,11 @@ def _check_narrowing(name: str, host: np.ndarray | np.generic) -> None:
     host = np.asarray(host)
     if host.dtype.kind == "f":
         largest = np.finfo(stored).max
+        # From max + half its ulp on, the cast rounds to Inf; below, to max at most.
+        ulp = float(largest) - float(np.nextafter(largest, largest.dtype.type(0)))
+        to_inf = float(largest) + ulp / 2
         with np.errstate(invalid="ignore"):
-            outside = np.isfinite(host) & (np.abs(host) > largest)
+            outside = np.isfinite(host) & (np.abs(host) >= to_inf)
         kind, limits = "float", f"magnitudes up to {float(largest):.8g}"
     elif host.dtype.kind in "iu":
         info = np.iinfo(stored)
@@ -149,9 +152,12 @@ def weights_vector(name: str, weights: Any, num_clients: int) -> jax.Array:
     `jit`/`vmap` a negative, NaN or infinite weight counts as 0, so that client contributes
     nothing and the others' result stays as without it. 64-bit integer weights (example
     counts) beyond int32 are taken as floats rather than refused."""
-    if not isinstance(weights, jax.Array):
-        host = np.asarray(weights)
-        if host.dtype.kind in "iu" and host.dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+    if isinstance(weights, np.ndarray | list | tuple) and not jax.config.jax_enable_x64:
+        try:
+            host = np.asarray(weights)
+        except Exception:  # noqa: BLE001 (tracers, ragged lists: as_array says what they are)
+            host = None
+        if host is not None and host.dtype.kind in "iu" and host.dtype.itemsize == 8:
             weights = host.astype(np.float64)
     arr = as_array(name, weights)
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):

@@ -388,6 +388,33 @@ def test_float64_beyond_float32_is_refused_not_dropped():
     np.testing.assert_array_equal(fk.masked_mean(np.array([[np.inf], [1.0]])), [1.0])
 
 
+def test_weights_as_a_list_of_tracers_and_float64_at_the_float32_limit():
+    """Review of the narrowing check: a list of traced weights under jit crashed (NumPy was
+    asked for its values), and float64 3.4028235e38 (NumPy's print of float32's max, which
+    the cast rounds to that max) was refused."""
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    mean = jax.jit(lambda a, b: fk.masked_mean(x, weights=[a, b]))(1.0, 3.0)
+    np.testing.assert_allclose(mean, [2.5, 3.5])
+    mean = fk.masked_mean(np.array([[3.4028235e38], [0.0]]))
+    np.testing.assert_array_equal(mean, [np.finfo(np.float32).max])
+    with pytest.raises(TypeError, match="weights must be an array, got list"):
+        fk.masked_mean(x, weights=[[1.0], [2.0, 3.0]])
+
+
+def test_float64_weights_with_x64_keep_their_ratio():
+    """float32 x with float64 weights (x64 on): the cast to float32 made 1e300 Inf (mean NaN)
+    and 1e-300 zero (mean 0); only the ratio matters."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x = np.array([[1e38, 1.0], [3e38, 2.0]], np.float32)
+        for scale in (1e300, 1e-300):
+            mean = fk.masked_mean(x, weights=np.array([1.0, 3.0]) * scale)
+            np.testing.assert_allclose(np.asarray(mean), [2.5e38, 1.75], rtol=1e-6)
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
 def test_invalid_weights_under_jit_count_as_zero():
     """Under jit weights are not checked (not concrete): a negative, NaN or Inf weight counts as
     0 in masked_mean, masked_sum and scatter_sum, so the other clients' result is unchanged."""

@@ -525,6 +525,15 @@ def test_row_norms_of_finite_rows_whose_squares_overflow(d):
     assert np.isinf(got[2]) and np.isinf(got[3])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_row_norms_of_half_precision_rows(dtype):
+    """The rescaled branch is computed in float32 and returned in the rows' norm dtype (the
+    two branches of its lax.cond must agree)."""
+    x = jnp.ones((2, 8), dtype)
+    np.testing.assert_allclose(np.asarray(row_norms(x), np.float32), [np.sqrt(8)] * 2,
+                               rtol=1e-2)
+
+
 def test_residual_norm_of_a_huge_finite_residual_is_finite():
     """A client whose residual keeps entries of 1e20 (finite, unsent) reports their norm, not
     Inf, and so do the round's summaries; also when the client is excluded and its old

@@ -199,6 +199,11 @@ def test_client_mesh_names_bad_devices(devices, error, message):
         fk.client_mesh(devices)
 
 
+def test_client_mesh_takes_any_iterable_of_devices():
+    mesh = fk.client_mesh(d for d in jax.devices() if d.platform == "cpu")
+    assert list(mesh.devices.flat) == [d for d in jax.devices() if d.platform == "cpu"]
+
+
 def test_update_function_needs_a_vector_of_client_ids(comp):
     with pytest.raises(ValueError, match=r"client_ids must be \[C\], one id per client, when "
                                          r"updates is a function, got shape \(\)"):

@@ -130,8 +130,9 @@ def row_norms(x: jax.Array) -> jax.Array:
     norms = _row_norms_unscaled(x)
 
     def rescaled() -> jax.Array:
-        again = _row_norms_unscaled(x * jnp.float32(_NORM_RESCALE))
-        return jnp.where(jnp.isinf(norms), again / jnp.float32(_NORM_RESCALE), norms)
+        again = _row_norms_unscaled(x.astype(jnp.float32) * jnp.float32(_NORM_RESCALE))
+        again = (again / jnp.float32(_NORM_RESCALE)).astype(norms.dtype)
+        return jnp.where(jnp.isinf(norms), again, norms)
 
     return lax.cond(jnp.any(jnp.isinf(norms)), rescaled, lambda: norms)
 
