@@ -308,7 +308,9 @@ def _blocked_sums(
         return tuple(out)
 
     accs = tuple(jnp.zeros((n, 2, length), acc_dtype) for _, n, length in segments)
-    accs = fold_rows(add_row, accs, num_clients, _ROWS_PER_STEP)
+    # The rescue (`scaled`) runs rarely: one row per loop step keeps its code, and so every
+    # weighted call's compile time, small.
+    accs = fold_rows(add_row, accs, num_clients, 1 if scaled is not None else _ROWS_PER_STEP)
     numerator = jnp.concatenate([acc[:, 0].reshape(-1) for acc in accs])
     denominator = jnp.concatenate([acc[:, 1].reshape(-1) for acc in accs])
     return numerator, denominator

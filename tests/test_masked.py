@@ -226,6 +226,8 @@ def _vmapped(f, *args):
 
 
 OVERFLOW_RUNNERS = {**RUNNERS, "vmap": _vmapped}
+# The rescue's own cases: compiled whole (jit), and under vmap where both branches run.
+RESCUE_RUNNERS = {"jit": RUNNERS["jit"], "vmap": _vmapped}
 
 
 def _float64_sums(x, weights=None):
@@ -261,7 +263,7 @@ def test_overflowing_sums_give_the_mean_and_saturate(run):
     np.testing.assert_array_equal(mean, [1.0])
 
 
-@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+@pytest.mark.parametrize("run", RESCUE_RUNNERS.values(), ids=RESCUE_RUNNERS.keys())
 def test_a_mean_of_the_largest_float_is_not_inf(run):
     """Three clients sending float32's largest value with weight 0.7: the rescued ratio
     rounded to 4 * 2**126 = Inf; it is the largest float (clipped: a mean lies within its
@@ -274,7 +276,7 @@ def test_a_mean_of_the_largest_float_is_not_inf(run):
         np.testing.assert_array_equal(mean, [big, -big])
 
 
-@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+@pytest.mark.parametrize("run", RESCUE_RUNNERS.values(), ids=RESCUE_RUNNERS.keys())
 def test_a_light_client_alone_in_an_overflowing_column_keeps_its_weight(run):
     """The rescue pass scaled every weight by the largest one: weight 3 beside 2e38 became
     3 * 2**-132, flushed to 0, and the column's mean came out 0. Weights are now scaled per
@@ -290,7 +292,7 @@ def test_a_light_client_alone_in_an_overflowing_column_keeps_its_weight(run):
     np.testing.assert_allclose(np.asarray(denominator), [3.0, 2e38], rtol=1e-6)
 
 
-@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+@pytest.mark.parametrize("run", RESCUE_RUNNERS.values(), ids=RESCUE_RUNNERS.keys())
 def test_the_largest_product_survives_the_overflow_rescue(run):
     """Weight 2e38 on 1e-30 beside weight 3 on -3e38: scaling weights and values apart
     flushed 3 * 2**-135 to 0 and the mean came out 0; the terms are now scaled by the
@@ -365,7 +367,7 @@ def test_tiny_weights_give_the_mean():
     np.testing.assert_allclose(got, [0.5, 4.0, 2.5e-10], rtol=1e-6)
 
 
-@pytest.mark.parametrize("run", OVERFLOW_RUNNERS.values(), ids=OVERFLOW_RUNNERS.keys())
+@pytest.mark.parametrize("run", RESCUE_RUNNERS.values(), ids=RESCUE_RUNNERS.keys())
 def test_subnormal_weights_weigh_as_their_ratio(run):
     """XLA on CPU reads subnormal inputs as 0: weights [1e-40, 1e-40] gave a mean of 0."""
     x = np.array([[1.0, 0.0], [3.0, 5.0]], np.float32)
