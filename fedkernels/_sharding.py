@@ -9,7 +9,7 @@ The same code runs on several CPU host devices
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -21,11 +21,11 @@ from jax.sharding import Mesh, PartitionSpec
 CLIENT_AXIS = "clients"
 
 
-def client_mesh(devices: Sequence[Any] | None = None, axis_name: str = CLIENT_AXIS) -> Mesh:
+def client_mesh(devices: Iterable[Any] | None = None, axis_name: str = CLIENT_AXIS) -> Mesh:
     """A 1-D mesh over `devices` (default: all of `jax.devices()`) whose axis holds clients.
 
     Raises:
-      TypeError: `devices` not a sequence of `jax.Device`s.
+      TypeError: `devices` not an iterable (a list, a generator) of `jax.Device`s.
       ValueError: `devices` empty or naming a device twice.
     """
     if devices is not None and (isinstance(devices, str | bytes) or not isinstance(

@@ -68,12 +68,11 @@ def as_array(name: str, value: Any) -> jax.Array:
     return arr
 
 
-def _check_narrowing(name: str, host: np.ndarray | np.generic) -> None:
+def _check_narrowing(name: str, host: np.ndarray) -> None:
     """Raises if JAX would store `host` in a narrower dtype that changes a value."""
     stored = jax.dtypes.canonicalize_dtype(host.dtype)
     if stored.itemsize >= host.dtype.itemsize or host.size == 0:
         return
-    host = np.asarray(host)
     if host.dtype.kind == "f":
         largest = np.finfo(stored).max
         # From max + half its ulp on, the cast rounds to Inf; below, to max at most.
