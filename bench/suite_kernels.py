@@ -203,16 +203,18 @@ def _quantize_cases(ctx: _common.Context, size: int) -> list[Case]:
         x, lo, hi, key,
     )
 
-    def no_arithmetic(a):
-        b = a.reshape(-1, 4).astype(jnp.int32).astype(jnp.uint32) & jnp.uint32(255)
-        return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+    def no_arithmetic(a):  # four contiguous planes to one word each, as the planar layout
+        b = a.reshape(4, -1).astype(jnp.int32).astype(jnp.uint32) & jnp.uint32(255)
+        return b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24)
 
     if d % 4 == 0:
         case.add("floor of part 2: same bytes, no arithmetic", jax.jit(no_arithmetic), x)
     cases.append(case)
 
     q = quantize(x, key)
-    q_host = np.asarray(q.packed)
+    # The baselines decode the same codes one byte each, NumPy's natural format.
+    codes_host = np.asarray(q.codes()).astype(np.uint8)
+    codes_u8 = ctx.put(codes_host)
     lo, hi = float(q.minimum), float(q.maximum)
     deq = Case(
         "dequantize",
@@ -224,16 +226,15 @@ def _quantize_cases(ctx: _common.Context, size: int) -> list[Case]:
         params=f"b{bits}",
     )
 
-    def numpy_dequantize(p):
-        return p.view(np.uint8).astype(np.float32) * np.float32((hi - lo) / 255) + lo
+    def numpy_dequantize(codes):
+        return codes.astype(np.float32) * np.float32((hi - lo) / 255) + lo
 
-    def jax_obvious_deq(q):
-        codes = lax.bitcast_convert_type(q.packed, jnp.uint8).reshape(-1)[: q.length]
-        return codes.astype(jnp.float32) * ((q.maximum - q.minimum) / 255) + q.minimum
+    def jax_obvious_deq(codes, minimum, maximum):
+        return codes.astype(jnp.float32) * ((maximum - minimum) / 255) + minimum
 
     deq.add("fedkernels", jax.jit(fk.dequantize), q)
-    deq.add("numpy", numpy_dequantize, q_host)
-    deq.add("jax obvious (uint8 view)", jax.jit(jax_obvious_deq), q)
+    deq.add("numpy", numpy_dequantize, codes_host)
+    deq.add("jax obvious (uint8 codes)", jax.jit(jax_obvious_deq), codes_u8, q.minimum, q.maximum)
     cases.append(deq)
     return cases
 

@@ -130,7 +130,7 @@ def _quantize_point(ctx: _common.Context, num_clients: int, d: int) -> Point:
 def _dequantize_point(ctx: _common.Context, num_clients: int, d: int) -> Point:
     x = ctx.put(np.random.default_rng(2).standard_normal(d, dtype=np.float32))
     q = jax.jit(lambda a: fk.quantize(a, jax.random.PRNGKey(0), 8))(x)
-    codes = np.asarray(q.packed).view(np.uint8)[:d].copy()
+    codes = np.asarray(q.codes()).astype(np.uint8)  # NumPy's natural format, a byte each
     lo, hi = float(q.minimum), float(q.maximum)
     scale = np.float32((hi - lo) / 255)
     return Point("dequantize", 1, d, d + 4 * d, [

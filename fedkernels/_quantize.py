@@ -32,7 +32,15 @@ class Quantized(_QuantizedFields):
     `[...]` (the row range), `bits` (static int in `[1, 16]`) and `length` (static int >= 0,
     the row length before packing). A pytree whose leaves are `packed`, `minimum` and
     `maximum`; `bits` and `length` are part of the tree structure, so it passes through `jit`,
-    `vmap` and `lax.scan`.
+    `vmap` and `lax.scan`. `q.codes()` unpacks the codes.
+
+    Layout of a row of `packed` (`pack_codes`): for `bits` dividing 32 (1, 2, 4, 8, 16),
+    planar: with `P = 32 / bits` codes per word, the row padded with code 0 to
+    `n_pad = ceil(length / 32) * 32` entries is cut into P planes of `W = n_pad / P`
+    consecutive entries, and word `w` holds entry `j * W + w` of plane j in bits
+    `[j * bits, (j + 1) * bits)`. Each word is formed from P contiguous slices, with no
+    de-interleaving (several times faster to write and read under XLA than consecutive codes
+    in a word). Other widths, whose codes straddle words: the dense stream of `pack_bits`.
 
     Raises:
       TypeError / ValueError: `bits` not an int in `[1, 16]`, `length` not an int >= 0.
@@ -46,6 +54,10 @@ class Quantized(_QuantizedFields):
         bits = _validate.static_int("bits", bits, 1, MAX_BITS)
         length = _validate.static_int("length", length, 0)
         return super().__new__(cls, packed, minimum, maximum, bits, length)
+
+    def codes(self) -> jax.Array:
+        """The codes, uint32 `[..., length]`, in `[0, 2**bits - 1]` (`unpack_codes`)."""
+        return unpack_codes(self.packed, self.bits, self.length)
 
     @property
     def nbytes(self) -> int:
@@ -172,6 +184,55 @@ def unpack_bits(packed: jax.Array, bits: int, length: int) -> jax.Array:
     return codes[..., :length]
 
 
+def _planar(bits: int) -> bool:
+    """Whether `bits`-bit codes use the planar layout (see `Quantized`): no code straddles."""
+    return 32 % bits == 0
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+    """Packs unsigned codes `[..., n]` in the layout of `Quantized.packed` (see `Quantized`):
+    planar for `bits` dividing 32, else `pack_bits`' stream. Only the low `bits` bits of each
+    code are kept; uint32 `[..., ceil(n / 32) * bits]`. Internal: no validation."""
+    if not _planar(bits):
+        return pack_bits(codes, bits)
+    codes = codes.astype(jnp.uint32)
+    if bits < 32:
+        codes = codes & jnp.uint32((1 << bits) - 1)
+    batch, n = codes.shape[:-1], codes.shape[-1]
+    n_pad = _padded_length(n)
+    if n_pad > n:
+        codes = jnp.pad(codes, [(0, 0)] * len(batch) + [(0, n_pad - n)])
+    per = 32 // bits
+    planes = codes.reshape(*batch, per, n_pad // per)
+    words = planes[..., 0, :]
+    for j in range(1, per):
+        words = words | (planes[..., j, :] << jnp.uint32(j * bits))
+    return words
+
+
+def unpack_codes(packed: jax.Array, bits: int, length: int) -> jax.Array:
+    """Inverse of `pack_codes`: uint32 words `[..., ceil(length / 32) * bits]` to uint32
+    codes `[..., length]`. Internal: no validation (`dequantize` checks a `Quantized`)."""
+    if not _planar(bits):
+        return unpack_bits(packed, bits, length)
+    packed = packed.astype(jnp.uint32)
+    per = 32 // bits
+    shifts = (jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits))[:, None]
+    codes = (packed[..., None, :] >> shifts) & jnp.uint32((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], per * packed.shape[-1])[..., :length]
+
+
+def _slots_to_entries(a: jax.Array, bits: int) -> jax.Array:
+    """Reorders `[..., n_pad]` from slot order (a code's position in the packed bit stream)
+    to entry order: the identity for the dense stream; for the planar layout, slot `w * P + j`
+    holds entry `j * W + w`."""
+    if not _planar(bits):
+        return a
+    per = 32 // bits
+    batch, n_pad = a.shape[:-1], a.shape[-1]
+    return jnp.swapaxes(a.reshape(*batch, n_pad // per, per), -1, -2).reshape(*batch, n_pad)
+
+
 def _check_key(key: Any) -> jax.Array:
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
@@ -188,15 +249,12 @@ def _check_key(key: Any) -> jax.Array:
 
 PRNGS = ("hash", "threefry")
 
-# The "hash" stream. Code i of a row takes F random bits ("field" k = i mod (32 / F) of the
-# 32-bit word H[i // (32 / F)]), so one hash serves 32 / F codes: F = 16 up to 15-bit codes,
-# F = 8 for 16-bit codes, whose x' < 2**16 has a float32 resolution of 2**-8 anyway.
+# The "hash" stream. The code in slot s of a row (bits [s * bits, (s + 1) * bits) of the row's
+# packed bit stream) takes the 16-bit field s mod 2 of the 32-bit word H[s // 2], so one hash
+# serves two codes. Numbering by slot rather than by entry lets the codes pass compute each
+# word's hashes from its own index, in the same fusion as the rounding and packing.
 _SEED_SALT = 0x48415348  # fold_in data that derives the hash seeds from the key
-
-
-def _field_bits(bits: int) -> int:
-    """Random bits per code of the "hash" stream for `bits`-bit codes (see above)."""
-    return 16 if bits <= 15 else 8
+FIELD_BITS = 16  # random bits per code of the "hash" stream
 
 
 def _lowbias32(h: jax.Array) -> jax.Array:
@@ -226,11 +284,12 @@ def _hash_words(seeds: jax.Array, counter: jax.Array) -> jax.Array:
     return _lowbias32((counter ^ seeds[0]) + seeds[1])
 
 
-def _field(word: jax.Array, k: int, field_bits: int) -> jax.Array:
-    """Field k (bits `[k * F, (k + 1) * F)`) of uint32 words."""
-    shift = k * field_bits
-    field = word >> jnp.uint32(shift) if shift else word
-    return field & jnp.uint32((1 << field_bits) - 1) if shift + field_bits < 32 else field
+def _low_field(word: jax.Array) -> jax.Array:
+    return word & jnp.uint32((1 << FIELD_BITS) - 1)
+
+
+def _high_field(word: jax.Array) -> jax.Array:
+    return word >> jnp.uint32(FIELD_BITS)
 
 
 def _padded_length(n: int) -> int:
@@ -240,19 +299,18 @@ def _padded_length(n: int) -> int:
 MAX_HASH_WORDS = 1 << 32  # the hash counter is uint32: at most 2**32 words
 
 
-def _hash_layout(shape: tuple[int, ...], bits: int) -> tuple[int, int, int]:
-    """(rows, n, words per row) of the "hash" stream for an `x` of `shape`: 32 / F codes per
+def _hash_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(rows, n, words per row) of the "hash" stream for an `x` of `shape`: two codes per
     32-bit word, rows padded to a multiple of 32. The words are numbered by a uint32 counter,
     so past 2**32 of them it would wrap and repeat: that raises instead."""
     n = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    row_words = _padded_length(n) * _field_bits(bits) // 32
+    row_words = _padded_length(n) // 2
     if rows * row_words > MAX_HASH_WORDS:
-        most = MAX_HASH_WORDS * 32 // _field_bits(bits)
         raise ValueError(
             f"x of shape {tuple(shape)} needs {rows * row_words} hash words, more than the "
-            f"2**32 that prng='hash' can number without repeating ({most} elements per call "
-            f"at bits={bits}): quantize it in parts, or use prng='threefry'"
+            f"2**32 that prng='hash' can number without repeating ({2 * MAX_HASH_WORDS} "
+            "elements per call): quantize it in parts, or use prng='threefry'"
         )
     return rows, n, row_words
 
@@ -260,32 +318,32 @@ def _hash_layout(shape: tuple[int, ...], bits: int) -> tuple[int, int, int]:
 def hash_fields(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Array:
     """The random fields `r` of `quantize(..., bits, prng="hash")` for an `x` of `shape`, uint32.
 
-    `F = 16` random bits per code for `bits <= 15`, `F = 8` for 16 bits, `P = 32 / F` fields
-    per word. For row j and element i of a row of length n (rows are the leading dims,
-    flattened), with `(s0, s1) = key_data(fold_in(key, 0x48415348))`, `W = ceil(n / 32) * 32 / P`
-    and `H[t] = lowbias32((t ^ s0) + s1)` (Wellons' 32-bit hash, uint32 arithmetic):
-    `r` is bits `[k * F, (k + 1) * F)` of `H[j * W + i // P]`, `k = i mod P`. Reproducible from
-    the key alone, the same on every jax version, several times cheaper than threefry on CPU,
-    and statistically adequate for stochastic rounding (tested for uniformity, unbiasedness and
+    16 random bits per code, two per 32-bit word. For row j (rows are the leading dims,
+    flattened) of a row length n, with `(s0, s1) = key_data(fold_in(key, 0x48415348))`,
+    `R = ceil(n / 32) * 16` words per row and `H[t] = lowbias32((t ^ s0) + s1)` (Wellons'
+    32-bit hash, uint32 arithmetic): the code in slot s of the row's packed stream (see
+    `Quantized`: entry `i = p * W + w` of plane p is in slot `w * P + p` for `bits` dividing 32,
+    `P = 32 / bits` and `W = ceil(n / 32) * bits`; entry i in slot i otherwise) gets bits
+    `[16 * (s mod 2), 16 * (s mod 2) + 16)` of `H[j * R + s // 2]`. Reproducible from the key
+    alone, the same on every jax version, several times cheaper than threefry on CPU, and
+    statistically adequate for stochastic rounding (tested for uniformity, unbiasedness and
     correlation); not a cryptographic generator and not the `jax.random` stream.
     """
     shape = tuple(shape)
-    rows, n, row_words = _hash_layout(shape, bits)
-    field_bits = _field_bits(bits)
+    bits = _validate.static_int("bits", bits, 1, MAX_BITS)
+    rows, n, row_words = _hash_layout(shape)
     counter = lax.iota(jnp.uint32, rows * row_words).reshape(rows, row_words)
     words = _hash_words(_hash_seeds(key), counter)
-    per_word = 32 // field_bits
-    fields = jnp.stack([_field(words, k, field_bits) for k in range(per_word)], axis=-1)
-    return fields.reshape(rows, row_words * per_word)[:, :n].reshape(shape)
+    slots = jnp.stack([_low_field(words), _high_field(words)], axis=-1).reshape(rows, -1)
+    return _slots_to_entries(slots, bits)[:, :n].reshape(shape)
 
 
 def hash_uniform(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Array:
-    """`(r + 1/2) / 2**F`, float32, for the fields `r = hash_fields(key, shape, bits)`: the
+    """`(r + 1/2) / 2**16`, float32, for the fields `r = hash_fields(key, shape, bits)`: the
     stream as uniforms on a grid centred in [0, 1). `quantize` rounds x' up exactly when
-    `U > 1 - f`, f being `x' - floor(x')` rounded to F bits: with probability f."""
-    field_bits = _field_bits(bits)
+    `U > 1 - f`, f being `x' - floor(x')` rounded to 16 bits: with probability f."""
     r = hash_fields(key, shape, bits).astype(jnp.int32).astype(jnp.float32)
-    return r * jnp.float32(2.0**-field_bits) + jnp.float32(2.0 ** -(field_bits + 1))
+    return r * jnp.float32(2.0**-FIELD_BITS) + jnp.float32(2.0 ** -(FIELD_BITS + 1))
 
 
 # Fan-in of the elementwise min/max tree in `_finite_range`: 16 strided slices per output
@@ -352,10 +410,9 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     `x' = (x - min) / (max - min) * M` (0 where max == min), `q` is `floor(x')` or
     `floor(x') + 1`, rounding up with probability `x' - floor(x')`, and `dequantize` returns
     `q / M * (max - min) + min`. With the default "hash" stream, `q = (round(x' * 2**F) + r)
-    >> F` for an F-bit random field `r` (`hash_fields`; F = 16 for up to 15 bits, 8 for 16
-    bits; round half to even): `E[q] = round(x' * 2**F) / 2**F`, within 2**-(F+1) of the
-    float32 x', a bias of at most 2**-17 of a step (2**-9 at 16 bits, where float32 resolves
-    x' only to 2**-8). With "threefry", `q = floor(x') + [U < x' - floor(x')]` for
+    >> F` for a random field `r` of F = 16 bits (`hash_fields`; round half to even):
+    `E[q] = round(x' * 2**F) / 2**F`, within 2**-(F+1) of the float32 x', a bias of at most
+    2**-17 of a step. With "threefry", `q = floor(x') + [U < x' - floor(x')]` for
     `U = jax.random.uniform(key)`. Unbiased up to that and float32 rounding; error at most one
     step `(max - min) / M`; a constant row is exact. Every finite float32 row quantizes and
     decodes to finite values, also a range wider than float32 holds (`max - min`
@@ -408,7 +465,7 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     if prng not in PRNGS:
         raise ValueError(f"prng must be one of {PRNGS}, got {prng!r}")
     if prng == "hash":
-        _hash_layout(tuple(x.shape), bits)
+        _hash_layout(tuple(x.shape))
     if _validate.is_concrete(x) and x.size:
         host = np.asarray(x)
         if not np.all(np.isfinite(host)):
@@ -477,63 +534,58 @@ def _packed_codes(
         lower = jnp.floor(scaled)
         uniform = jax.random.uniform(key, x.shape, jnp.float32)
         up = (uniform < scaled - lower).astype(jnp.int32)
-        return pack_bits((lower.astype(jnp.int32) + up).astype(jnp.uint32), bits)
+        return pack_codes((lower.astype(jnp.int32) + up).astype(jnp.uint32), bits)
 
-    # Fixed point with F fractional bits: t = round(x' * 2**F) (exact in int32: t < 2**31),
-    # and code = (t + r) >> F for the F-bit random field r rounds x' up with probability
-    # (t mod 2**F) / 2**F, so E[code] = t / 2**F. Scaling by 2**F is exact: s is x' * 2**F.
-    field_bits = _field_bits(bits)
-    top = levels * jnp.float32(1 << field_bits)
+    # Fixed point with F = 16 fractional bits: t = round(x' * 2**F) (exact in uint32:
+    # t <= (2**16 - 1) * 2**16), and code = (t + r) >> F for the F-bit random field r rounds x'
+    # up with probability (t mod 2**F) / 2**F, so E[code] = t / 2**F. Scaling by 2**F is
+    # exact: s is x' * 2**F. t + r < 2**32 even at 16 bits.
+    top = levels * jnp.float32(1 << FIELD_BITS)
     scale = top / safe_span
 
     def code_of(values: jax.Array, field: jax.Array) -> jax.Array:
         s = (values * factor - low) * scale
         s = jnp.where(s > 0, s, 0.0)  # NaN and -Inf -> code 0
         s = jnp.where(s < top, s, top)  # +Inf -> code levels; also clamps rounding
-        t = jnp.round(s).astype(jnp.int32).astype(jnp.uint32)  # half to even; s >= 0
-        return (t + field) >> jnp.uint32(field_bits)
+        t = jnp.round(s)  # half to even; s >= 0
+        # Below 2**31 through int32: XLA:CPU converts float32 to int32 in fewer instructions.
+        t = t.astype(jnp.uint32) if bits > 15 else t.astype(jnp.int32).astype(jnp.uint32)
+        return (t + field) >> jnp.uint32(FIELD_BITS)
 
     return _hash_codes_packed(x, code_of, _hash_seeds(key), bits)
 
 
 def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) -> jax.Array:
-    """`pack_bits(code_of(x, hash_fields(key, x.shape, bits)), bits)`, where codes do not
-    straddle words computed word by word, so that one hash serves several codes in the same
-    fusion as their rounding and packing."""
+    """`pack_codes(code_of(x, hash_fields(key, x.shape, bits)), bits)`, computed for the planar
+    layout word by word from P contiguous slices of `x`, each word's hashes from its index, so
+    that the hashing, rounding and packing are one elementwise pass."""
     batch, n = x.shape[:-1], x.shape[-1]
     n_pad = _padded_length(n)
-    if n_pad > n:  # NaN encodes as code 0, the value `pack_bits` pads with
+    if n_pad > n:  # NaN encodes as code 0, the value `pack_codes` pads with
         x = jnp.pad(x, [(0, 0)] * len(batch) + [(0, n_pad - n)], constant_values=jnp.nan)
-    field_bits = _field_bits(bits)
-    fields_per_word = 32 // field_bits
-    row_words = n_pad // fields_per_word
-    counter = lax.iota(jnp.uint32, math.prod(batch) * row_words).reshape(*batch, row_words)
-    if 32 % bits:
+    rows = math.prod(batch)
+    row_words = n_pad // 2
+    row_start = (lax.iota(jnp.uint32, rows) * jnp.uint32(row_words)).reshape(*batch, 1)
+    if not _planar(bits):
+        counter = row_start + lax.iota(jnp.uint32, row_words)
         hashes = _hash_words(seeds, counter)
-        fields = [_field(hashes, k, field_bits) for k in range(fields_per_word)]
-        fields = jnp.stack(fields, axis=-1).reshape(*batch, n_pad)
-        return pack_bits(code_of(x, fields), bits)
-    # Packed word w holds codes w*per .. w*per+per-1 (pack_bits' layout). A block of codes
-    # fills whole packed words and whole hash words: an or of shifted codes per packed word.
-    # Code j of each block is row j of the block-transposed values (and hashes): XLA fuses
-    # the transpose into its index arithmetic, and converted by jax2tf (fedkernels.tff) a
-    # row is a contiguous slice, where a column was a strided slice several times slower
-    # than the arithmetic around it.
+        fields = jnp.stack([_low_field(hashes), _high_field(hashes)], axis=-1)
+        return pack_bits(code_of(x, fields.reshape(*batch, n_pad)), bits)
+    # Word w holds entries p * W + w (plane p), in slots w * P + p: hash word w * P / 2 + p // 2.
     per = 32 // bits
-    block = max(per, fields_per_word)
-    values = jnp.moveaxis(x.reshape(*batch, n_pad // block, block), -1, 0)
-    counter = counter.reshape(*batch, n_pad // block, block // fields_per_word)
-    hashes = jnp.moveaxis(_hash_words(seeds, counter), -1, 0)
-    packed = [None] * (block // per)
-    for j in range(block):
-        field = _field(hashes[j // fields_per_word], j % fields_per_word, field_bits)
-        code = code_of(values[j], field)
-        word, position = divmod(j, per)
-        code = code << jnp.uint32(position * bits) if position else code
-        packed[word] = code if packed[word] is None else packed[word] | code
-    if len(packed) == 1:
-        return packed[0]
-    return jnp.stack(packed, axis=-1).reshape(*batch, n_pad // per)
+    planes = x.reshape(*batch, per, n_pad // per)
+    first = row_start + lax.iota(jnp.uint32, n_pad // per) * jnp.uint32(per // 2)
+    words = None
+    for p in range(per):
+        if p % 2 == 0:
+            hashes = _hash_words(seeds, first + jnp.uint32(p // 2) if p else first)
+            field = _low_field(hashes)
+        else:
+            field = _high_field(hashes)
+        code = code_of(planes[..., p, :], field)
+        code = code << jnp.uint32(p * bits) if p else code
+        words = code if words is None else words | code
+    return words
 
 
 def quantize_rows(x: jax.Array, keys: jax.Array, bits: int) -> tuple[Quantized, jax.Array]:
@@ -582,28 +634,28 @@ def weighted_code_sum(q: Quantized, weights: jax.Array) -> jax.Array:
 
 
 def code_row_sum(packed: jax.Array, bits: int, length: int, coef: jax.Array) -> jax.Array:
-    """`sum_c coef[c] * codes[c]` for packed codes `[C, words]` (`pack_bits` layout), in the
+    """`sum_c coef[c] * codes[c]` for packed codes `[C, words]` (`pack_codes` layout), in the
     dtype of `coef` (`[C]`, float32 or int32), shape `[length]`. Integer `coef` gives the exact
     integer code sum (for the shared-range mode, what secure aggregation sums)."""
     c = packed.shape[0]
     dtype = coef.dtype
     if c == 0:
         return jnp.zeros((length,), dtype)
-    if 32 % bits:
+    if not _planar(bits):
         def add(i, acc):
             return acc + coef[i] * unpack_bits(packed[i], bits, length).astype(dtype)
 
         return lax.fori_loop(0, c, add, jnp.zeros((length,), dtype))
     per = 32 // bits
-    shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
+    shifts = (jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits))[:, None]
     mask = jnp.uint32((1 << bits) - 1)
 
     def add_row(acc, i):
         row = lax.dynamic_index_in_dim(packed, i, keepdims=False)
-        codes = ((row[:, None] >> shifts) & mask).astype(jnp.int32).astype(dtype)
-        return acc + coef[i] * codes
+        codes = ((row[None, :] >> shifts) & mask).astype(jnp.int32).astype(dtype)
+        return acc + coef[i] * codes  # plane p of the row in acc[p]
 
-    acc = fold_rows(add_row, jnp.zeros((packed.shape[1], per), dtype), c)
+    acc = fold_rows(add_row, jnp.zeros((per, packed.shape[1]), dtype), c)
     return acc.reshape(-1)[:length]
 
 
@@ -636,15 +688,39 @@ def dequantize(q: Quantized) -> jax.Array:
             f"minimum and maximum of packed's batch shape; got packed {packed}, minimum "
             f"{minimum}, maximum {maximum}"
         )
-    return _decode(unpack_bits(q.packed, q.bits, q.length).astype(jnp.float32), q)
+    if not _planar(q.bits) or q.packed.size == 0:
+        return _decode(q.codes().astype(jnp.float32), q)
+
+    def planes(q: Quantized) -> jax.Array:  # plane p of each row in [..., p, :]
+        per = 32 // q.bits
+        shifts = (jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(q.bits))[:, None]
+        codes = (q.packed[..., None, :] >> shifts) & jnp.uint32((1 << q.bits) - 1)
+        return _decode(codes.astype(jnp.int32).astype(jnp.float32), q)
+
+    # The planes are decoded inside a conditional whose predicate is true at run time (any
+    # word | 1 is nonzero): its result is a buffer of its own, so the reshape to [..., n]
+    # stays a free bitcast. Without it XLA:CPU (jax 0.4.30) fuses the reshape into the
+    # decode's loop as its root and indexes every entry by a division, several times slower
+    # (bench case `dequantize_10000000_float32_b8`); under vmap the cond becomes a select of
+    # the same values.
+    always = (q.packed.reshape(-1)[0] | jnp.uint32(1)) != 0
+    decoded = lax.cond(always, planes, lambda q: jnp.zeros(
+        (*q.packed.shape[:-1], 32 // q.bits, q.packed.shape[-1]), jnp.float32), q)
+    return decoded.reshape(*q.packed.shape[:-1], -1)[..., : q.length]
 
 
 def _decode(codes: jax.Array, q: Quantized) -> jax.Array:
-    """`dequantize`'s formula on the codes of `q`, already unpacked to float32 `[..., n]`."""
+    """`dequantize`'s formula on the codes of `q`, already unpacked to float32 `[..., n]`
+    (or to planes `[..., P, W]`: the row's range broadcasts over the trailing axes)."""
     levels = jnp.float32((1 << q.bits) - 1)
-    factor, low, span = (v[..., None] for v in _row_scaling(q.minimum, q.maximum))
+    extra = codes.ndim - q.minimum.ndim
+
+    def rows(v: jax.Array) -> jax.Array:
+        return v.reshape(v.shape + (1,) * extra)
+
+    factor, low, span = (rows(v) for v in _row_scaling(q.minimum, q.maximum))
     # With factor 1 (every range up to 3.4e38 wide, down to 2**-90) this is the plain
     # `codes / levels * span + min`; the clip keeps rounding from leaving [min, max] (a
     # range that ends at the float32 maximum would otherwise round up to Inf).
     decoded = (codes / levels * span + low) * (1.0 / factor)
-    return jnp.clip(decoded, q.minimum[..., None], q.maximum[..., None])
+    return jnp.clip(decoded, rows(q.minimum), rows(q.maximum))

@@ -97,26 +97,57 @@ def lowbias32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
+def code_slots(n: int, bits: int) -> np.ndarray:
+    """Slot (position in the packed bit stream) of each entry of a row of n codes, as
+    `fedkernels.Quantized` defines the layout: planar for bits dividing 32 (entry p * W + w in
+    slot w * P + p, P = 32 / bits, W = n_pad / P, n_pad = ceil(n / 32) * 32), else slot = entry."""
+    n_pad = -(-n // 32) * 32
+    entry = np.arange(n_pad)
+    if 32 % bits:
+        return entry[:n]
+    per = 32 // bits
+    w, p = entry % (n_pad // per), entry // (n_pad // per)
+    return (w * per + p)[:n]
+
+
+def bitstream_pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Code i of each row at bits [i * bits, (i + 1) * bits) of a little-endian uint32 stream."""
+    codes = np.asarray(codes, np.uint64)
+    n = codes.shape[-1]
+    n_pad = -(-n // 32) * 32
+    padded = np.zeros((*codes.shape[:-1], n_pad), np.uint64)
+    padded[..., :n] = codes
+    stream = (padded[..., None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)
+    stream = stream.reshape(*codes.shape[:-1], -1, 32)
+    return np.sum(stream << np.arange(32, dtype=np.uint64), axis=-1).astype(np.uint32)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """`Quantized.packed` of codes `[..., n]`: each code moved to its slot, then the stream."""
+    codes = np.asarray(codes, np.uint64) & np.uint64((1 << bits) - 1)
+    n = codes.shape[-1]
+    stream = np.zeros((*codes.shape[:-1], -(-n // 32) * 32), np.uint64)
+    stream[..., code_slots(n, bits)] = codes
+    return bitstream_pack(stream, bits)
+
+
 def hash_fields(key: np.ndarray, shape: tuple[int, ...], bits: int) -> np.ndarray:
     """The random fields of `quantize(..., prng="hash")`, as its docstring defines them, from
     the key data alone (uint32[2]): NumPy only, so they are the same on every jax version."""
-    field_bits = 16 if bits <= 15 else 8
-    per_word = 32 // field_bits
     s0, s1 = fold_in(key, 0x48415348)
     n = shape[-1]
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    row_words = -(-n // 32) * 32 // per_word
+    row_words = -(-n // 32) * 16
     t = np.arange(rows * row_words, dtype=np.uint32).reshape(rows, row_words)
     with np.errstate(over="ignore"):
         words = lowbias32((t ^ s0) + s1)
-    k = np.arange(per_word, dtype=np.uint32) * np.uint32(field_bits)
-    fields = (words[..., None] >> k) & np.uint32((1 << field_bits) - 1)
-    return fields.reshape(rows, -1)[:, :n].reshape(shape)
+    slot = code_slots(n, bits)
+    fields = (words[:, slot // 2] >> (np.uint32(16) * (slot % 2).astype(np.uint32))) & 0xFFFF
+    return fields.reshape(shape)
 
 
 def hash_codes(scaled: np.ndarray, fields: np.ndarray, bits: int) -> np.ndarray:
     """Codes of the "hash" stream from float32 `x' * 2**F` (already clamped to
     `[0, (2**bits - 1) * 2**F]`): `(round_half_even(x' * 2**F) + r) >> F`."""
-    field_bits = 16 if bits <= 15 else 8
     t = np.round(np.asarray(scaled, np.float32)).astype(np.int64)
-    return ((t + fields.astype(np.int64)) >> field_bits).astype(np.uint32)
+    return ((t + fields.astype(np.int64)) >> 16).astype(np.uint32)

@@ -9,18 +9,6 @@ from tests import _reference as ref
 from tests._runners import RUNNERS
 
 
-def _bitstream_pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Reference: code i at bits [i*bits, (i+1)*bits) of a little-endian stream of uint32."""
-    n = codes.shape[-1]
-    words = np.zeros(-(-n // 32) * bits, np.uint64)
-    for i, code in enumerate(codes.astype(np.uint64)):
-        for b in range(bits):
-            if (int(code) >> b) & 1:
-                pos = i * bits + b
-                words[pos // 32] |= np.uint64(1) << np.uint64(pos % 32)
-    return words.astype(np.uint32)
-
-
 @pytest.mark.parametrize("bits", range(1, 33))
 def test_pack_matches_bitstream_and_round_trips(bits):
     # Every width pack_bits supports, 1 to 32, under jit; dividing 32 or not, eagerly too.
@@ -28,7 +16,7 @@ def test_pack_matches_bitstream_and_round_trips(bits):
     n = 75  # not a multiple of 32
     codes = rng.integers(0, 2**bits, size=n, dtype=np.uint64).astype(np.uint32)
     codes[:2] = [0, 2**bits - 1]
-    want = _bitstream_pack(codes, bits)
+    want = ref.bitstream_pack(codes, bits)
     runs = [(jax.jit(fk.pack_bits, static_argnums=1),
              jax.jit(fk.unpack_bits, static_argnums=(1, 2)))]
     if bits in (1, 7, 8, 13, 16, 31, 32):  # eagerly too, for widths of each kind
@@ -52,6 +40,24 @@ def test_pack_keeps_only_the_low_bits_of_each_code(bits):
     np.testing.assert_array_equal(
         np.asarray(fk.unpack_bits(negative, bits, 3)), [2**bits - 1, 0, 1]
     )
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_quantized_layout_is_the_documented_one_and_round_trips(bits):
+    # Quantized.packed: planar for widths dividing 32, the stream otherwise (see Quantized);
+    # ref.pack_codes places each code at its slot of the stream, from the docstring alone.
+    from fedkernels import _quantize
+
+    rng = np.random.default_rng(100 + bits)
+    codes = rng.integers(0, 2**bits, size=(2, 75), dtype=np.uint64).astype(np.uint32)
+    codes[0, :2] = [0, 2**bits - 1]
+    packed = jax.jit(_quantize.pack_codes, static_argnums=1)(jnp.asarray(codes), bits)
+    assert packed.dtype == jnp.uint32 and packed.shape == (2, 3 * bits)
+    np.testing.assert_array_equal(np.asarray(packed), ref.pack_codes(codes, bits))
+    q = fk.Quantized(packed, jnp.zeros(2), jnp.ones(2), bits, 75)
+    np.testing.assert_array_equal(np.asarray(jax.jit(fk.Quantized.codes)(q)), codes)
+    if 32 % bits == 0:  # the planar layout is not the stream (it is for a single word)
+        assert not np.array_equal(np.asarray(packed), ref.bitstream_pack(codes, bits))
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -100,7 +106,7 @@ def test_codes_are_floor_or_ceil_and_error_within_one_step(run, bits):
     lo, hi, scaled = ref.quantize_levels(x, bits)
     np.testing.assert_array_equal(np.asarray(q.minimum), lo[:, 0])
     np.testing.assert_array_equal(np.asarray(q.maximum), hi[:, 0])
-    codes = np.asarray(fk.unpack_bits(q.packed, bits, 300)).astype(np.float64)
+    codes = np.asarray(q.codes()).astype(np.float64)
     # float32 scaling may differ from float64 by an ulp: allow floor/ceil of x' +- 1e-3.
     assert np.all(codes >= np.floor(scaled - 1e-3)) and np.all(codes <= np.ceil(scaled + 1e-3))
     decoded = np.asarray(fk.dequantize(q), np.float64)
@@ -328,8 +334,7 @@ def test_weighted_code_sum_equals_float64_reference(bits, c):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-6 * scale)
     # Integer coefficients: the exact integer code sum (the shared-range server).
     include = (np.arange(c) % 3 != 1).astype(np.int32)
-    codes = np.asarray(jax.jit(fk.unpack_bits, static_argnums=(1, 2))(q.packed, bits, n),
-                       np.int64)
+    codes = np.asarray(jax.jit(fk.Quantized.codes)(q), np.int64)
     got_int = jax.jit(_quantize.code_row_sum, static_argnums=(1, 2))(
         q.packed, bits, n, jnp.asarray(include))
     assert got_int.dtype == jnp.int32
@@ -359,7 +364,7 @@ def test_non_finite_policy_under_jit_large_rows(prng):
     finite = np.where(np.isfinite(x), x, np.nan)
     np.testing.assert_array_equal(np.asarray(q.minimum), np.nanmin(finite, axis=1))
     np.testing.assert_array_equal(np.asarray(q.maximum), np.nanmax(finite, axis=1))
-    codes = np.asarray(fk.unpack_bits(q.packed, 8, x.shape[1]))
+    codes = np.asarray(q.codes())
     np.testing.assert_array_equal(codes[:, 17], [255, 255])
     np.testing.assert_array_equal(codes[:, [40_000, -1]], 0)
     assert codes[1, 3] == 0
@@ -387,7 +392,7 @@ def _np_hash_codes(x, key, bits):
     """Reference codes of the "hash" stream, and where XLA's float32 x' (which may be an ulp
     or two off NumPy's: XLA:CPU may divide through a reciprocal) could change the code."""
     fields = ref.hash_fields(np.asarray(jax.random.key_data(key)), x.shape, bits)
-    field_bits = 16 if bits <= 15 else 8
+    field_bits = 16
     lo = x.min(-1, keepdims=True)
     hi = x.max(-1, keepdims=True)
     span = hi - lo
@@ -402,14 +407,14 @@ def _np_hash_codes(x, key, bits):
 
 
 def _assert_codes(packed, want, close, bits):
-    got = np.asarray(fk.unpack_bits(jnp.asarray(packed), bits, want.shape[-1]))
+    got = np.asarray(fk._quantize.unpack_codes(jnp.asarray(packed), bits, want.shape[-1]))
     differ = got != want
     assert not np.any(differ & ~close), np.argwhere(differ & ~close)[:5]
     assert np.all(np.abs(got.astype(np.int64) - want)[differ] == 1)
     rows = close.size // close.shape[-1]
     assert np.sum(close) <= 2 * rows + 0.1 * close.size  # the rows' min and max, and few more
-    if not np.any(differ):  # then the layout must be exactly the documented bit stream
-        np.testing.assert_array_equal(packed, _bitstream_pack_rows(want, bits))
+    if not np.any(differ):  # then the layout must be exactly the documented one
+        np.testing.assert_array_equal(packed, ref.pack_codes(want, bits))
 
 
 def _keys():
@@ -472,13 +477,7 @@ def test_hash_codes_on_an_exact_grid_equal_numpy_bit_for_bit(bits):
     key = jax.random.PRNGKey(bits)
     want, _ = _np_hash_codes(x, key, bits)
     packed = np.asarray(jax.jit(fk.quantize, static_argnums=2)(jnp.asarray(x), key, bits).packed)
-    np.testing.assert_array_equal(packed, _bitstream_pack_rows(want, bits))
-
-
-def _bitstream_pack_rows(codes, bits):
-    flat = codes.reshape(-1, codes.shape[-1])
-    packed = np.stack([_bitstream_pack(row, bits) for row in flat])
-    return packed.reshape(*codes.shape[:-1], -1)
+    np.testing.assert_array_equal(packed, ref.pack_codes(want, bits))
 
 
 @pytest.mark.parametrize("bits", [3, 8])
@@ -490,15 +489,16 @@ def test_threefry_codes_match_numpy_reference_exactly(bits):
     _assert_codes(np.asarray(q.packed), *_np_codes(x, u, bits), bits)
 
 
-@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("bits", [3, 8, 16])
 def test_hash_fields_are_uniform_in_every_field_position(bits):
-    # Each field position of a word (low/high half, or each byte at 16 bits) is uniform:
-    # chi-square over 64 bins of its top 6 bits, 63 degrees of freedom (sd 11.2).
-    field_bits = 16 if bits <= 15 else 8
-    per_word = 32 // field_bits
-    r = np.asarray(fk._quantize.hash_fields(jax.random.PRNGKey(8), (1 << 18,), bits))
-    for k in range(per_word):
-        counts = np.bincount(r[k::per_word] >> (field_bits - 6), minlength=64)
+    # Each field position of a word (low / high half) is uniform: chi-square over 64 bins of
+    # its top 6 bits, 63 degrees of freedom (sd 11.2). Which half an entry gets follows its
+    # slot in the packed layout (planar at 8 and 16 bits, the stream at 3).
+    n = 1 << 18
+    r = np.asarray(fk._quantize.hash_fields(jax.random.PRNGKey(8), (n,), bits))
+    half = ref.code_slots(n, bits) % 2
+    for k in range(2):
+        counts = np.bincount(r[half == k] >> 10, minlength=64)
         expected = counts.sum() / 64
         assert np.sum((counts - expected) ** 2 / expected) < 63 + 7 * 11.2, k
 
@@ -508,7 +508,7 @@ def _round_ups(bits, keys, n=1024):
     levels = 2**bits - 1
     x = (np.arange(n) % levels + 0.5).astype(np.float32)
     x[0], x[1] = 0.0, levels  # pin the range: x' = x
-    codes = jax.jit(jax.vmap(lambda k: fk.unpack_bits(fk.quantize(x, k, bits).packed, bits, n)))(
+    codes = jax.jit(jax.vmap(lambda k: fk.quantize(x, k, bits).codes()))(
         keys
     )
     up = np.asarray(codes, np.float64) - np.floor(x)
@@ -547,7 +547,7 @@ def test_hash_rounding_is_unbiased_per_position_over_keys(bits):
     x = (rng.integers(0, levels, size=n) + rng.random(n)).astype(np.float32)
     x[0], x[1] = 0.0, levels
     keys = jax.random.split(jax.random.PRNGKey(23), 400)
-    codes = jax.jit(jax.vmap(lambda k: fk.unpack_bits(fk.quantize(x, k, bits).packed, bits, n)))(
+    codes = jax.jit(jax.vmap(lambda k: fk.quantize(x, k, bits).codes()))(
         keys
     )
     error = np.asarray(codes, np.float64) - x.astype(np.float64)
@@ -569,7 +569,7 @@ def _check_one_step_and_floor_or_ceil(x, q, bits, decode=fk.dequantize):
     np.testing.assert_array_equal(hi, x64.max(-1, keepdims=True))
     levels = 2**bits - 1
     scaled = (x64 - lo) / np.where(hi > lo, hi - lo, 1.0) * levels
-    codes = np.asarray(fk.unpack_bits(q.packed, bits, x64.shape[-1])).astype(np.float64)
+    codes = np.asarray(q.codes()).astype(np.float64)
     tol = 1e-3
     assert np.all(codes >= np.floor(scaled - tol)) and np.all(codes <= np.ceil(scaled + tol))
     decoded = np.asarray(decode(q), np.float64)
@@ -633,7 +633,7 @@ def test_float64_beyond_float32_range_raises_eagerly_and_follows_inf_policy_unde
         q = jax.jit(lambda a: fk.quantize(a, key))(x)
         assert q.minimum.dtype == jnp.float32
         assert (float(q.minimum), float(q.maximum)) == (1.0, 2.0)
-        np.testing.assert_array_equal(np.asarray(fk.unpack_bits(q.packed, 8, 4))[[1, 3]], [255, 0])
+        np.testing.assert_array_equal(np.asarray(q.codes())[[1, 3]], [255, 0])
         # Within float32 range, float64 input quantizes as its float32 cast does.
         inside = np.random.default_rng(3).normal(size=(2, 70)) * 1e30
         got = fk.quantize(jnp.asarray(inside), key, bits=6)

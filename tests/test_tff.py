@@ -619,8 +619,8 @@ class TestStagedKernels:
 
     @pytest.mark.parametrize("bits", [8, 16, 5])
     def test_staged_dequantize_equals_dequantize_bit_for_bit(self, bits):
-        # 8 and 16 bits read the codes by a bitcast in the staged graph, other widths by
-        # unpack_bits: in TFF's worker the same values as fedkernels.dequantize staged there,
+        # 8 and 16 bits read the codes by a bitcast and a transpose in the staged graph, other
+        # widths as dequantize does: in TFF's worker the same values as dequantize staged there,
         # bit for bit, and within rounding of XLA's (whose float arithmetic may contract).
         import jax
 

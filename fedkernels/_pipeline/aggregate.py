@@ -21,6 +21,7 @@ from fedkernels._quantize import (
     code_row_sum,
     dequantize,
     unpack_bits,
+    unpack_codes,
     weighted_code_sum,
 )
 from fedkernels._scatter import scatter, scatter_sum
@@ -69,7 +70,7 @@ def aggregate(
         # Integer codes summed as integers (what secure aggregation can do); the affine
         # decode is applied once in `finalize`.
         if selecting:
-            codes = unpack_bits(payload.codes, config.bits, k).astype(jnp.int32)
+            codes = unpack_codes(payload.codes, config.bits, k).astype(jnp.int32)
             code_sum = scatter((codes * present[:, None]).reshape(-1), indices.reshape(-1), d_s)
         else:  # straight from the packed words, as weighted_code_sum
             code_sum = code_row_sum(payload.codes, config.bits, k, present)

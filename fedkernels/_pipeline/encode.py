@@ -30,9 +30,9 @@ from fedkernels._quantize import (
     decodes_finite,
     dequantize,
     pack_bits,
+    pack_codes,
     quantize,
     quantize_rows,
-    unpack_bits,
 )
 from fedkernels._scatter import scatter
 from fedkernels._topk import _top_k_indices, top_k_rows_words
@@ -204,11 +204,11 @@ def _quantize_shared_range(config, values, keys):
         [clipped, jnp.full((c, 1), lo, jnp.float32), jnp.full((c, 1), hi, jnp.float32)], axis=1
     )
     q = jax.vmap(lambda v, kk: quantize(v, kk, bits))(pinned, keys)
-    codes = unpack_bits(q.packed, bits, k + 2)[:, :k]
+    codes = q.codes()[:, :k]
     levels = float((1 << bits) - 1)
     decoded = codes.astype(jnp.float32) * jnp.float32((hi - lo) / levels) + jnp.float32(lo)
     empty = jnp.zeros((c, 0), jnp.float32)
-    return pack_bits(codes, bits), empty, empty, decoded
+    return pack_codes(codes, bits), empty, empty, decoded
 
 
 QUANTIZERS: dict[str, Callable] = {

@@ -224,14 +224,15 @@ def client_quantize(
 def dequantize_staged(q: fk.Quantized) -> jax.Array:
     """`fedkernels.dequantize(q)`, the same values bit for bit, in the form jax2tf converts to
     the faster TensorFlow graph: 8- and 16-bit codes are read by a bitcast of the packed words
-    to uint8 / uint16 (`pack_bits`' layout on a little-endian host), where `unpack_bits`'
-    broadcast shift runs several times slower in TensorFlow (under XLA it is the faster of
-    the two, so the jitted kernels keep it)."""
+    to uint8 / uint16 (byte or half-word p of word w is plane p's code on a little-endian
+    host, see `fedkernels.Quantized`) and one transpose to planes, where a broadcast shift
+    runs slower in TensorFlow (under XLA it is the faster of the two, so the jitted kernels
+    keep it)."""
     if q.bits not in (8, 16) or sys.byteorder != "little":
         return fk.dequantize(q)
     small = jnp.uint8 if q.bits == 8 else jnp.uint16
-    codes = lax.bitcast_convert_type(q.packed, small)
-    codes = codes.reshape(*q.packed.shape[:-1], -1)[..., : q.length]
+    codes = lax.bitcast_convert_type(q.packed, small)  # [..., W, P]
+    codes = jnp.swapaxes(codes, -1, -2).reshape(*q.packed.shape[:-1], -1)[..., : q.length]
     return fk._quantize._decode(codes.astype(jnp.float32), q)
 
 
