@@ -334,7 +334,8 @@ def hash_fields(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Ar
     rows, n, row_words = _hash_layout(shape)
     counter = lax.iota(jnp.uint32, rows * row_words).reshape(rows, row_words)
     words = _hash_words(_hash_seeds(key), counter)
-    slots = jnp.stack([_low_field(words), _high_field(words)], axis=-1).reshape(rows, -1)
+    slots = jnp.stack([_low_field(words), _high_field(words)], axis=-1)
+    slots = slots.reshape(rows, 2 * row_words)
     return _slots_to_entries(slots, bits)[:, :n].reshape(shape)
 
 

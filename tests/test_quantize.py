@@ -489,6 +489,12 @@ def test_threefry_codes_match_numpy_reference_exactly(bits):
     _assert_codes(np.asarray(q.packed), *_np_codes(x, u, bits), bits)
 
 
+def test_hash_fields_of_zero_rows_are_empty():
+    for shape, bits in [((0, 5), 8), ((2, 0, 40), 5)]:
+        fields = fk._quantize.hash_fields(jax.random.PRNGKey(0), shape, bits)
+        assert fields.shape == shape and fields.dtype == jnp.uint32
+
+
 @pytest.mark.parametrize("bits", [3, 8, 16])
 def test_hash_fields_are_uniform_in_every_field_position(bits):
     # Each field position of a word (low / high half) is uniform: chi-square over 64 bins of
