@@ -37,8 +37,8 @@ class Quantized(_QuantizedFields):
     Layout of a row of `packed` (`pack_codes`): for `bits` dividing 32 (1, 2, 4, 8, 16),
     planar: with `P = 32 / bits` codes per word, the row padded with code 0 to
     `n_pad = ceil(length / 32) * 32` entries is cut into P planes of `W = n_pad / P`
-    consecutive entries, and word `w` holds entry `j * W + w` of plane j in bits
-    `[j * bits, (j + 1) * bits)`. Each word is formed from P contiguous slices, with no
+    consecutive entries, and word `w` holds entry `w` of each plane j (entry `j * W + w` of the
+    row) in bits `[j * bits, (j + 1) * bits)`. Each word is formed from P contiguous slices, with no
     de-interleaving (several times faster to write and read under XLA than consecutive codes
     in a word). Other widths, whose codes straddle words: the dense stream of `pack_bits`.
 
@@ -319,7 +319,7 @@ def hash_fields(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Ar
     """The random fields `r` of `quantize(..., bits, prng="hash")` for an `x` of `shape`, uint32.
 
     16 random bits per code, two per 32-bit word. For row j (rows are the leading dims,
-    flattened) of a row length n, with `(s0, s1) = key_data(fold_in(key, 0x48415348))`,
+    flattened) of rows of length n, with `(s0, s1) = key_data(fold_in(key, 0x48415348))`,
     `R = ceil(n / 32) * 16` words per row and `H[t] = lowbias32((t ^ s0) + s1)` (Wellons'
     32-bit hash, uint32 arithmetic): the code in slot s of the row's packed stream (see
     `Quantized`: entry `i = p * W + w` of plane p is in slot `w * P + p` for `bits` dividing 32,

@@ -222,7 +222,8 @@ def client_quantize(
 
 
 def dequantize_staged(q: fk.Quantized) -> jax.Array:
-    """`fedkernels.dequantize(q)`, the same values bit for bit, in the form jax2tf converts to
+    """`fedkernels.dequantize(q)` (the same values bit for bit when both are staged in TFF's
+    worker; within float32 rounding of the XLA-compiled decode), in the form jax2tf converts to
     the faster TensorFlow graph: 8- and 16-bit codes are read by a bitcast of the packed words
     to uint8 / uint16 (byte or half-word p of word w is plane p's code on a little-endian
     host, see `fedkernels.Quantized`) and one transpose to planes, where a broadcast shift
