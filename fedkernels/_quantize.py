@@ -38,9 +38,9 @@ class Quantized(_QuantizedFields):
     planar: with `P = 32 / bits` codes per word, the row padded with code 0 to
     `n_pad = ceil(length / 32) * 32` entries is cut into P planes of `W = n_pad / P`
     consecutive entries, and word `w` holds entry `w` of each plane j (entry `j * W + w` of the
-    row) in bits `[j * bits, (j + 1) * bits)`. Each word is formed from P contiguous slices, with no
-    de-interleaving (several times faster to write and read under XLA than consecutive codes
-    in a word). Other widths, whose codes straddle words: the dense stream of `pack_bits`.
+    row) in bits `[j * bits, (j + 1) * bits)`. Each word is formed from P contiguous slices,
+    with no de-interleaving, which makes the codes faster to write under XLA than consecutive
+    codes in a word. Other widths, whose codes straddle words: the dense stream of `pack_bits`.
 
     Raises:
       TypeError / ValueError: `bits` not an int in `[1, 16]`, `length` not an int >= 0.
@@ -210,16 +210,19 @@ def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
     return words
 
 
+def _code_planes(packed: jax.Array, bits: int) -> jax.Array:
+    """The codes of planar-packed words `[..., W]` as their planes, uint32 `[..., P, W]`."""
+    shifts = (jnp.arange(32 // bits, dtype=jnp.uint32) * jnp.uint32(bits))[:, None]
+    return (packed.astype(jnp.uint32)[..., None, :] >> shifts) & jnp.uint32((1 << bits) - 1)
+
+
 def unpack_codes(packed: jax.Array, bits: int, length: int) -> jax.Array:
     """Inverse of `pack_codes`: uint32 words `[..., ceil(length / 32) * bits]` to uint32
     codes `[..., length]`. Internal: no validation (`dequantize` checks a `Quantized`)."""
     if not _planar(bits):
         return unpack_bits(packed, bits, length)
-    packed = packed.astype(jnp.uint32)
-    per = 32 // bits
-    shifts = (jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits))[:, None]
-    codes = (packed[..., None, :] >> shifts) & jnp.uint32((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], per * packed.shape[-1])[..., :length]
+    codes = _code_planes(packed, bits)
+    return codes.reshape(*packed.shape[:-1], codes.shape[-2] * codes.shape[-1])[..., :length]
 
 
 def _slots_to_entries(a: jax.Array, bits: int) -> jax.Array:
@@ -647,16 +650,12 @@ def code_row_sum(packed: jax.Array, bits: int, length: int, coef: jax.Array) -> 
             return acc + coef[i] * unpack_bits(packed[i], bits, length).astype(dtype)
 
         return lax.fori_loop(0, c, add, jnp.zeros((length,), dtype))
-    per = 32 // bits
-    shifts = (jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits))[:, None]
-    mask = jnp.uint32((1 << bits) - 1)
-
     def add_row(acc, i):
         row = lax.dynamic_index_in_dim(packed, i, keepdims=False)
-        codes = ((row[None, :] >> shifts) & mask).astype(jnp.int32).astype(dtype)
+        codes = _code_planes(row, bits).astype(jnp.int32).astype(dtype)
         return acc + coef[i] * codes  # plane p of the row in acc[p]
 
-    acc = fold_rows(add_row, jnp.zeros((per, packed.shape[1]), dtype), c)
+    acc = fold_rows(add_row, jnp.zeros((32 // bits, packed.shape[1]), dtype), c)
     return acc.reshape(-1)[:length]
 
 
@@ -693,9 +692,7 @@ def dequantize(q: Quantized) -> jax.Array:
         return _decode(q.codes().astype(jnp.float32), q)
 
     def planes(q: Quantized) -> jax.Array:  # plane p of each row in [..., p, :]
-        per = 32 // q.bits
-        shifts = (jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(q.bits))[:, None]
-        codes = (q.packed[..., None, :] >> shifts) & jnp.uint32((1 << q.bits) - 1)
+        codes = _code_planes(q.packed, q.bits)
         return _decode(codes.astype(jnp.int32).astype(jnp.float32), q)
 
     # The planes are decoded inside a conditional whose predicate is true at run time (any
