@@ -350,58 +350,97 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.A
     return r * jnp.float32(2.0**-FIELD_BITS) + jnp.float32(2.0 ** -(FIELD_BITS + 1))
 
 
-# Fan-in of the elementwise min/max tree in `_finite_range`: 16 strided slices per output
-# element. On XLA:CPU this beats `jnp.min` plus `jnp.max` of the masked array several times
-# over, and fan-ins of 4, 8, 32 and 64 were no faster (bench case "part 1/2: fedkernels
-# range pass" of `quantize_10000000_float32_b8`).
+# The range pass reads `x` in blocks of `_RANGE_FANIN` strided slices, each `_RANGE_LANES`
+# entries wide, and keeps the minimum and the (flipped) maximum side by side per lane, so one
+# elementwise loop computes both from the same loads. Wider or narrower blocks were slower
+# (bench case "part 1/2: fedkernels range pass" of `quantize_10000000_float32_b8`).
 _RANGE_FANIN = 16
+_RANGE_LANES = 8
+_KEY_INF = 0x7F800000  # _order_key(+Inf); _order_key(-Inf) is ~_KEY_INF
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """int32 keys with the order of float32 `x` (-0.0 just below +0.0), NaN outside [-Inf, +Inf]
+    (above `_KEY_INF` with the sign bit clear, below `~_KEY_INF` with it set). Its own
+    inverse, up to the bitcast: `_from_order_key`."""
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
+
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(key ^ ((key >> 31) & jnp.int32(0x7FFFFFFF)), jnp.float32)
 
 
 def _finite_range(x: jax.Array, poison: bool = False) -> tuple[jax.Array, jax.Array]:
     """Min and max over the finite entries of the last axis of float32 `x` (+Inf, -Inf if none).
 
-    A tree of elementwise minima over `_RANGE_FANIN` strided slices, then a small reduction.
-    The maximum rides along as the minimum of `-x` in a trailing axis of size 2, so that one
-    pass over `x` computes both (two outputs sliced apart would be two passes over `x`).
+    Integer min over order-preserving keys (`_order_key`): integer minima are one instruction
+    with no NaN or signed-zero rules, where XLA's float `minimum` is several. The maximum is the
+    minimum of the complemented keys (`~k` reverses the order), kept beside the minimum in an
+    axis of size 2 so that both come from the same loads of `x`: a tree of elementwise minima
+    over `_RANGE_FANIN` strided blocks, then a small reduction.
 
+    A non-finite entry enters both minima as `_KEY_INF`, the key of +Inf (and `~_KEY_INF` is
+    the key of -Inf), so a row with no finite entry gives (+Inf, -Inf).
     `poison=True`: a row with any NaN or Inf gives (-Inf, +Inf) instead, so the same pass also
-    tells which rows are finite (`isfinite(min)`), at no extra cost per entry. NaN never enters
-    the minima either way (XLA:CPU's vectorized min reductions do not propagate NaN).
+    tells which rows are finite (`isfinite(min)`). There no entry is masked: a non-finite
+    entry's key is at or beyond an infinity's in one of the two columns.
     """
-    inf = jnp.float32(jnp.inf)
-    masked = -inf if poison else inf  # what a non-finite entry contributes to both minima
     n = x.shape[-1]
     batch = x.shape[:-1]
-    m = n // _RANGE_FANIN
-    if m < 4 * _RANGE_FANIN:  # small rows: plain masked reductions
+    inf = jnp.float32(jnp.inf)
+    m = n // (_RANGE_FANIN * _RANGE_LANES)
+    if m < 4:  # small rows: plain masked reductions
         finite = jnp.abs(x) < inf
+        masked = -inf if poison else inf  # what a non-finite entry contributes
         return (
             jnp.min(jnp.where(finite, x, masked), axis=-1),
             jnp.max(jnp.where(finite, x, -masked), axis=-1),
         )
-    head = x[..., : m * _RANGE_FANIN].reshape(*batch, _RANGE_FANIN, m)
-    lo = nhi = jnp.full((*batch, m), inf)
+    key_inf = jnp.int32(_KEY_INF)
+    flip = -lax.broadcasted_iota(jnp.int32, (2, 1), 0)  # 0: the key; -1: its complement
+
+    def entry_keys(v: jax.Array) -> jax.Array:  # [..., L] -> [..., 2, L]
+        key = _order_key(v)[..., None, :] ^ flip
+        if poison:
+            return key
+        # Rotated so that the finite keys (~_KEY_INF, _KEY_INF) come first as uint32, from 0,
+        # and every non-finite one at or after +Inf's: an unsigned minimum then ignores them
+        # without a mask.
+        return (key - (~key_inf + 1)).astype(jnp.uint32)
+
+    # Each block a slice of `x` of its own: a reshape of one prefix slice would copy the
+    # rows first when there are several and n is not a multiple of the block.
+    width = m * _RANGE_LANES
+    acc = None
     for i in range(_RANGE_FANIN):
-        v = head[..., i, :]
-        finite = jnp.abs(v) < inf  # false for NaN and +-Inf
-        lo = jnp.minimum(lo, jnp.where(finite, v, masked))
-        nhi = jnp.minimum(nhi, jnp.where(finite, -v, masked))
-    pair = jnp.stack([lo, nhi], axis=-1)  # [..., m, 2], NaN-free from here on
-    # Fold again while it pays: each level reads `pair` once.
-    while pair.shape[-2] >= 4 * _RANGE_FANIN * _RANGE_FANIN:
-        k = pair.shape[-2] // _RANGE_FANIN
-        rest = pair[..., k * _RANGE_FANIN :, :]
-        slices = pair[..., : k * _RANGE_FANIN, :].reshape(*batch, _RANGE_FANIN, k, 2)
-        folded = slices[..., 0, :, :]
+        block = x[..., i * width : (i + 1) * width].reshape(*batch, m, _RANGE_LANES)
+        acc = entry_keys(block) if acc is None else jnp.minimum(acc, entry_keys(block))
+    # Fold again while it pays: each level reads `acc` once.
+    while acc.shape[-3] >= 4 * _RANGE_FANIN:
+        k = acc.shape[-3] // _RANGE_FANIN
+        rest = acc[..., k * _RANGE_FANIN :, :, :]
+        blocks = acc[..., : k * _RANGE_FANIN, :, :]
+        blocks = blocks.reshape(*batch, _RANGE_FANIN, k, 2, _RANGE_LANES)
+        folded = blocks[..., 0, :, :, :]
         for i in range(1, _RANGE_FANIN):
-            folded = jnp.minimum(folded, slices[..., i, :, :])
-        pair = jnp.concatenate([folded, rest], axis=-2)
-    pair = jnp.min(pair, axis=-2)  # [..., 2]
-    tail = x[..., m * _RANGE_FANIN :]
-    tail_finite = jnp.abs(tail) < inf
-    tail_lo = jnp.min(jnp.where(tail_finite, tail, masked), axis=-1, initial=inf)
-    tail_hi = jnp.max(jnp.where(tail_finite, tail, -masked), axis=-1, initial=-inf)
-    return jnp.minimum(pair[..., 0], tail_lo), jnp.maximum(-pair[..., 1], tail_hi)
+            folded = jnp.minimum(folded, blocks[..., i, :, :, :])
+        acc = jnp.concatenate([folded, rest], axis=-3)
+    tail = x[..., m * _RANGE_FANIN * _RANGE_LANES :]
+    pair = jnp.min(acc, axis=(-3, -1))  # [..., 2]
+    if tail.shape[-1]:
+        pair = jnp.minimum(pair, jnp.min(entry_keys(tail), axis=-1))
+    if not poison:  # back from the rotation; none finite gives +Inf's key, in both columns
+        end = jnp.uint32(_KEY_INF - ~_KEY_INF - 1)
+        pair = jnp.where(pair < end, pair, end).astype(jnp.int32) + (~key_inf + 1)
+    lo, hi = pair[..., 0], ~pair[..., 1]
+    if poison:  # a non-finite key is at or beyond an infinity's in one of the columns
+        finite_row = (lo > ~key_inf) & (hi < key_inf)
+        return (
+            jnp.where(finite_row, _from_order_key(lo), -inf),
+            jnp.where(finite_row, _from_order_key(hi), inf),
+        )
+    return _from_order_key(lo), _from_order_key(hi)
 
 
 def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantized:

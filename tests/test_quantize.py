@@ -260,6 +260,40 @@ def test_finite_range_matches_numpy_with_non_finite_anywhere(n):
     assert float(lo[1]) == float(lo[2]) == -np.inf and float(hi[1]) == float(hi[2]) == np.inf
 
 
+@pytest.mark.parametrize("poison", [False, True])
+def test_finite_range_orders_every_float_and_skips_every_nan_pattern(poison):
+    # The range pass compares integer keys of the float bits: every magnitude (subnormals,
+    # +-0, the extremes of float32) must order as floats do, and every NaN bit pattern (either
+    # sign, any payload) must be skipped, or flag the row with poison=True.
+    from fedkernels import _quantize
+
+    rng = np.random.default_rng(11)
+    n = 50_003
+    bits = rng.integers(0, 2**32, size=(6, n), dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    finite = np.isfinite(x)
+    x[0] = np.where(finite[0], x[0], 0.0)  # all finite, all magnitudes
+    x[1] = np.where(finite[1], x[1], -0.0)
+    x[1] *= np.float32(2.0**-126)  # subnormals, -0.0 and tiny normals
+    x[2, :] = 0.0
+    x[2, 7] = -0.0
+    x[3] = np.where(np.arange(n) % 3 == 0, x[3], np.float32(1.5))  # some NaN and Inf
+    x[4, ::2] = (bits[4, ::2] | np.uint32(0x7F800001)).view(np.float32)  # NaN, sign random
+    x[5, :] = (bits[5] | np.uint32(0x7F800000)).view(np.float32)  # no finite entry
+    assert np.isnan(x[4]).sum() >= n // 2 and not np.isfinite(x[5]).any()
+    assert (np.signbit(x[4]) & np.isnan(x[4])).any() and (~np.signbit(x[4]) & np.isnan(x[4])).any()
+    lo, hi = jax.jit(lambda a: _quantize._finite_range(a, poison=poison))(jnp.asarray(x))
+    lo, hi = np.asarray(lo), np.asarray(hi)
+    for row in range(6):
+        ok = np.isfinite(x[row])
+        if poison and not ok.all():
+            assert (lo[row], hi[row]) == (-np.inf, np.inf), row
+        elif ok.any():
+            assert lo[row] == x[row][ok].min() and hi[row] == x[row][ok].max(), row
+        else:
+            assert (lo[row], hi[row]) == (np.inf, -np.inf), row
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("pos", [0, 5, 1024 * 16 - 1, 60_000 - 1])
 def test_finite_range_poison_flags_one_bad_entry_anywhere(bad, pos):
@@ -344,10 +378,12 @@ def test_weighted_code_sum_equals_float64_reference(bits, c):
 def test_finite_range_extremes_in_every_slice_position():
     from fedkernels import _quantize
 
-    n = 16 * 1024 * 3 + 5  # two tree levels plus a tail
+    block = _quantize._RANGE_FANIN * _quantize._RANGE_LANES
+    n = block * 70 + 5  # two tree levels plus a tail
     base = np.zeros(n, np.float32)
     run = jax.jit(_quantize._finite_range)
-    for pos in [0, 1, 1023, 1024, n // 2, n - 6, n - 5, n - 1]:
+    lanes = [_quantize._RANGE_LANES - 1, _quantize._RANGE_LANES, block - 1, block, block * 64]
+    for pos in [0, 1, *lanes, n // 2, n - 6, n - 5, n - 1]:
         x = base.copy()
         x[pos], x[(pos + 1) % n] = -3.0, 5.0
         lo, hi = run(jnp.asarray(x))
