@@ -253,11 +253,12 @@ def _check_key(key: Any) -> jax.Array:
 PRNGS = ("hash", "threefry")
 
 # The "hash" stream. The code in slot s of a row (bits [s * bits, (s + 1) * bits) of the row's
-# packed bit stream) takes the 16-bit field s mod 2 of the 32-bit word H[s // 2], so one hash
-# serves two codes. Numbering by slot rather than by entry lets the codes pass compute each
-# word's hashes from its own index, in the same fusion as the rounding and packing.
+# packed bit stream) takes a 15-bit field of the 32-bit word H[s // 2], bits [0, 15) for even s
+# and [17, 32) for odd s (one instruction each), so one hash serves two codes. Numbering by
+# slot rather than by entry lets the codes pass compute each word's hashes from its own index,
+# in the same fusion as the rounding and packing.
 _SEED_SALT = 0x48415348  # fold_in data that derives the hash seeds from the key
-FIELD_BITS = 16  # random bits per code of the "hash" stream
+FIELD_BITS = 15  # random bits per code of the "hash" stream
 
 
 def _lowbias32(h: jax.Array) -> jax.Array:
@@ -292,7 +293,7 @@ def _low_field(word: jax.Array) -> jax.Array:
 
 
 def _high_field(word: jax.Array) -> jax.Array:
-    return word >> jnp.uint32(FIELD_BITS)
+    return word >> jnp.uint32(32 - FIELD_BITS)
 
 
 def _padded_length(n: int) -> int:
@@ -321,16 +322,17 @@ def _hash_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
 def hash_fields(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Array:
     """The random fields `r` of `quantize(..., bits, prng="hash")` for an `x` of `shape`, uint32.
 
-    16 random bits per code, two per 32-bit word. For row j (rows are the leading dims,
+    15 random bits per code, two per 32-bit word. For row j (rows are the leading dims,
     flattened) of rows of length n, with `(s0, s1) = key_data(fold_in(key, 0x48415348))`,
     `R = ceil(n / 32) * 16` words per row and `H[t] = lowbias32((t ^ s0) + s1)` (Wellons'
     32-bit hash, uint32 arithmetic): the code in slot s of the row's packed stream (see
     `Quantized`: entry `i = p * W + w` of plane p is in slot `w * P + p` for `bits` dividing 32,
     `P = 32 / bits` and `W = ceil(n / 32) * bits`; entry i in slot i otherwise) gets bits
-    `[16 * (s mod 2), 16 * (s mod 2) + 16)` of `H[j * R + s // 2]`. Reproducible from the key
-    alone, the same on every jax version, several times cheaper than threefry on CPU, and
-    statistically adequate for stochastic rounding (tested for uniformity, unbiasedness and
-    correlation); not a cryptographic generator and not the `jax.random` stream.
+    `[0, 15)` of `H[j * R + s // 2]` if s is even, bits `[17, 32)` if s is odd. Reproducible
+    from the key alone, the same on every jax version, several times cheaper than threefry on
+    CPU, and statistically adequate for stochastic rounding (tested for uniformity,
+    unbiasedness and correlation); not a cryptographic generator and not the `jax.random`
+    stream.
     """
     shape = tuple(shape)
     bits = _validate.static_int("bits", bits, 1, MAX_BITS)
@@ -343,9 +345,9 @@ def hash_fields(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Ar
 
 
 def hash_uniform(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.Array:
-    """`(r + 1/2) / 2**16`, float32, for the fields `r = hash_fields(key, shape, bits)`: the
+    """`(r + 1/2) / 2**15`, float32, for the fields `r = hash_fields(key, shape, bits)`: the
     stream as uniforms on a grid centred in [0, 1). `quantize` rounds x' up exactly when
-    `U > 1 - f`, f being `x' - floor(x')` rounded to 16 bits: with probability f."""
+    `U > 1 - f`, f being `x' - floor(x')` rounded to 15 bits: with probability f."""
     r = hash_fields(key, shape, bits).astype(jnp.int32).astype(jnp.float32)
     return r * jnp.float32(2.0**-FIELD_BITS) + jnp.float32(2.0 ** -(FIELD_BITS + 1))
 
@@ -453,9 +455,9 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     `x' = (x - min) / (max - min) * M` (0 where max == min), `q` is `floor(x')` or
     `floor(x') + 1`, rounding up with probability `x' - floor(x')`, and `dequantize` returns
     `q / M * (max - min) + min`. With the default "hash" stream, `q = (round(x' * 2**F) + r)
-    >> F` for a random field `r` of F = 16 bits (`hash_fields`; round half to even):
+    >> F` for a random field `r` of F = 15 bits (`hash_fields`; round half to even):
     `E[q] = round(x' * 2**F) / 2**F`, within 2**-(F+1) of the float32 x', a bias of at most
-    2**-17 of a step. With "threefry", `q = floor(x') + [U < x' - floor(x')]` for
+    2**-16 of a step. With "threefry", `q = floor(x') + [U < x' - floor(x')]` for
     `U = jax.random.uniform(key)`. Unbiased up to that and float32 rounding; error at most one
     step `(max - min) / M`; a constant row is exact. Every finite float32 row quantizes and
     decodes to finite values, also a range wider than float32 holds (`max - min`
@@ -579,20 +581,25 @@ def _packed_codes(
         up = (uniform < scaled - lower).astype(jnp.int32)
         return pack_codes((lower.astype(jnp.int32) + up).astype(jnp.uint32), bits)
 
-    # Fixed point with F = 16 fractional bits: t = round(x' * 2**F) (exact in uint32:
-    # t <= (2**16 - 1) * 2**16), and code = (t + r) >> F for the F-bit random field r rounds x'
-    # up with probability (t mod 2**F) / 2**F, so E[code] = t / 2**F. Scaling by 2**F is
-    # exact: s is x' * 2**F. t + r < 2**32 even at 16 bits.
+    # Fixed point with F = 15 fractional bits: t = round(x' * 2**F), and code = (t + r) >> F
+    # for the F-bit random field r rounds x' up with probability (t mod 2**F) / 2**F, so
+    # E[code] = t / 2**F. Scaling by 2**F is exact: s is x' * 2**F. t + r < 2**31 at 16 bits.
     top = levels * jnp.float32(1 << FIELD_BITS)
     scale = top / safe_span
+    # Up to 8 bits, top < 2**23: adding 2**23 rounds s to an integer (half to even, the IEEE
+    # default) and leaves it in the low mantissa bits, with none of the checks XLA wraps
+    # around a float-to-int conversion.
+    magic = ((1 << bits) - 1) << FIELD_BITS < 1 << 23
 
     def code_of(values: jax.Array, field: jax.Array) -> jax.Array:
         s = (values * factor - low) * scale
         s = jnp.where(s > 0, s, 0.0)  # NaN and -Inf -> code 0
         s = jnp.where(s < top, s, top)  # +Inf -> code levels; also clamps rounding
-        t = jnp.round(s)  # half to even; s >= 0
-        # Below 2**31 through int32: XLA:CPU converts float32 to int32 in fewer instructions.
-        t = t.astype(jnp.uint32) if bits > 15 else t.astype(jnp.int32).astype(jnp.uint32)
+        if magic:
+            t = lax.bitcast_convert_type(s + jnp.float32(1 << 23), jnp.uint32)
+            t = t & jnp.uint32((1 << 23) - 1)
+        else:
+            t = jnp.round(s).astype(jnp.int32).astype(jnp.uint32)  # half to even; s >= 0
         return (t + field) >> jnp.uint32(FIELD_BITS)
 
     return _hash_codes_packed(x, code_of, _hash_seeds(key), bits)

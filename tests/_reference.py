@@ -142,7 +142,8 @@ def hash_fields(key: np.ndarray, shape: tuple[int, ...], bits: int) -> np.ndarra
     with np.errstate(over="ignore"):
         words = lowbias32((t ^ s0) + s1)
     slot = code_slots(n, bits)
-    fields = (words[:, slot // 2] >> (np.uint32(16) * (slot % 2).astype(np.uint32))) & 0xFFFF
+    odd = (slot % 2).astype(np.uint32)
+    fields = (words[:, slot // 2] >> (np.uint32(17) * odd)) & np.uint32(0x7FFF)
     return fields.reshape(shape)
 
 
@@ -150,4 +151,4 @@ def hash_codes(scaled: np.ndarray, fields: np.ndarray, bits: int) -> np.ndarray:
     """Codes of the "hash" stream from float32 `x' * 2**F` (already clamped to
     `[0, (2**bits - 1) * 2**F]`): `(round_half_even(x' * 2**F) + r) >> F`."""
     t = np.round(np.asarray(scaled, np.float32)).astype(np.int64)
-    return ((t + fields.astype(np.int64)) >> 16).astype(np.uint32)
+    return ((t + fields.astype(np.int64)) >> 15).astype(np.uint32)
