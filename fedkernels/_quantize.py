@@ -354,8 +354,8 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.A
 
 # The range pass reads `x` in blocks of `_RANGE_FANIN` strided slices, each `_RANGE_LANES`
 # entries wide, and keeps the minimum and the (flipped) maximum side by side per lane, so one
-# elementwise loop computes both from the same loads. Wider or narrower blocks were slower
-# (bench case "part 1/2: fedkernels range pass" of `quantize_10000000_float32_b8`).
+# elementwise loop computes both from the same loads (bench case "part 1/2: fedkernels range
+# pass" of `quantize_10000000_float32_b8`; 16 lanes were several times slower).
 _RANGE_FANIN = 16
 _RANGE_LANES = 8
 _KEY_INF = 0x7F800000  # _order_key(+Inf); _order_key(-Inf) is ~_KEY_INF
@@ -382,8 +382,9 @@ def _finite_range(x: jax.Array, poison: bool = False) -> tuple[jax.Array, jax.Ar
     axis of size 2 so that both come from the same loads of `x`: a tree of elementwise minima
     over `_RANGE_FANIN` strided blocks, then a small reduction.
 
-    A non-finite entry enters both minima as `_KEY_INF`, the key of +Inf (and `~_KEY_INF` is
-    the key of -Inf), so a row with no finite entry gives (+Inf, -Inf).
+    Non-finite entries: the keys are rotated, as uint32, so that every finite key comes before
+    the key of +Inf in both columns and every non-finite one at or after it; they never win a
+    minimum, and a row with no finite entry gives (+Inf, -Inf).
     `poison=True`: a row with any NaN or Inf gives (-Inf, +Inf) instead, so the same pass also
     tells which rows are finite (`isfinite(min)`). There no entry is masked: a non-finite
     entry's key is at or beyond an infinity's in one of the two columns.
@@ -592,7 +593,9 @@ def _packed_codes(
     magic = ((1 << bits) - 1) << FIELD_BITS < 1 << 23
 
     def code_of(values: jax.Array, field: jax.Array) -> jax.Array:
-        s = (values * factor - low) * scale
+        extra = (1,) * (values.ndim - factor.ndim)  # the planar pass's lanes axis, if any
+        s = (values * factor.reshape(*factor.shape, *extra) - low.reshape(*low.shape, *extra))
+        s = s * scale.reshape(*scale.shape, *extra)
         s = jnp.where(s > 0, s, 0.0)  # NaN and -Inf -> code 0
         s = jnp.where(s < top, s, top)  # +Inf -> code levels; also clamps rounding
         if magic:
@@ -623,8 +626,16 @@ def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) 
         return pack_bits(code_of(x, fields.reshape(*batch, n_pad)), bits)
     # Word w holds entries p * W + w (plane p), in slots w * P + p: hash word w * P / 2 + p // 2.
     per = 32 // bits
-    planes = x.reshape(*batch, per, n_pad // per)
-    first = row_start + lax.iota(jnp.uint32, n_pad // per) * jnp.uint32(per // 2)
+    width = n_pad // per
+    # Words in rows of 8 lanes where they divide evenly: newer XLA:CPU then builds the counter
+    # vector with vector adds instead of lane-by-lane inserts (bench case "part 2/2: fedkernels
+    # codes pass" of `quantize_10000000_float32_b8`).
+    lanes = (width // 8, 8) if width % 8 == 0 else (width,)
+    planes = x.reshape(*batch, per, *lanes)
+    index = lax.broadcasted_iota(jnp.uint32, lanes, 0)
+    if len(lanes) == 2:
+        index = index * jnp.uint32(8) + lax.broadcasted_iota(jnp.uint32, lanes, 1)
+    first = row_start.reshape(*batch, *(1,) * len(lanes)) + index * jnp.uint32(per // 2)
     words = None
     for p in range(per):
         if p % 2 == 0:
@@ -632,10 +643,11 @@ def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) 
             field = _low_field(hashes)
         else:
             field = _high_field(hashes)
-        code = code_of(planes[..., p, :], field)
+        plane = lax.index_in_dim(planes, p, axis=planes.ndim - 1 - len(lanes), keepdims=False)
+        code = code_of(plane, field)
         code = code << jnp.uint32(p * bits) if p else code
         words = code if words is None else words | code
-    return words
+    return words.reshape(*batch, width)
 
 
 def quantize_rows(x: jax.Array, keys: jax.Array, bits: int) -> tuple[Quantized, jax.Array]:
