@@ -373,7 +373,9 @@ def _from_order_key(key: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(key ^ ((key >> 31) & jnp.int32(0x7FFFFFFF)), jnp.float32)
 
 
-def _finite_range(x: jax.Array, poison: bool = False) -> tuple[jax.Array, jax.Array]:
+def _finite_range(
+    x: jax.Array, poison: bool = False, plain: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Min and max over the finite entries of the last axis of float32 `x` (+Inf, -Inf if none).
 
     Integer min over order-preserving keys (`_order_key`): integer minima are one instruction
@@ -388,12 +390,14 @@ def _finite_range(x: jax.Array, poison: bool = False) -> tuple[jax.Array, jax.Ar
     `poison=True`: a row with any NaN or Inf gives (-Inf, +Inf) instead, so the same pass also
     tells which rows are finite (`isfinite(min)`). There no entry is masked: a non-finite
     entry's key is at or beyond an infinity's in one of the two columns.
+    `plain=True`: masked `min` and `max` reductions instead, the same values (short rows take
+    them anyway).
     """
     n = x.shape[-1]
     batch = x.shape[:-1]
     inf = jnp.float32(jnp.inf)
     m = n // (_RANGE_FANIN * _RANGE_LANES)
-    if m < 4:  # small rows: plain masked reductions
+    if m < 4 or plain:
         finite = jnp.abs(x) < inf
         masked = -inf if poison else inf  # what a non-finite entry contributes
         return (
@@ -502,6 +506,14 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
     >>> dequantize(q)[jnp.array([0, 2])]
     Array([0., 1.], dtype=float32)
     """
+    return _quantize(x, key, bits, prng, tf_graph=False)
+
+
+def _quantize(x: Any, key: Any, bits: int, prng: str, tf_graph: bool) -> Quantized:
+    """`quantize`, with the same codes for `tf_graph=True`, in a formulation for TensorFlow
+    graphs converted by jax2tf without XLA (TFF's worker), where every elementwise step is an
+    op of its own: plain reductions for the range and no lanes axis in the codes pass, which
+    in XLA's fused loops are slower."""
     x = _validate.floating("x", x)
     _validate.min_ndim("x", x, 1, "[..., n]")
     if x.shape[-1] < 1:
@@ -529,11 +541,11 @@ def quantize(x: Any, key: Any, bits: int = 8, *, prng: str = "hash") -> Quantize
                     f"({int(np.sum(overflow))} entries beyond)"
                 )
     x = x.astype(jnp.float32)
-    minimum, maximum = _finite_range(x)
+    minimum, maximum = _finite_range(x, plain=tf_graph)
     # A row with no finite entry: range [0, 0].
     minimum = jnp.where(jnp.isfinite(minimum), minimum, 0.0)
     maximum = jnp.where(jnp.isfinite(maximum), maximum, 0.0)
-    packed = _packed_codes(x, minimum, maximum, key, bits, prng)
+    packed = _packed_codes(x, minimum, maximum, key, bits, prng, lanes=not tf_graph)
     return Quantized(packed, minimum, maximum, bits, x.shape[-1])
 
 
@@ -563,10 +575,12 @@ _WIDE_FACTOR = 0.25  # span / 4 <= max / 2: room for the decode's rounding
 
 
 def _packed_codes(
-    x: jax.Array, minimum: jax.Array, maximum: jax.Array, key: jax.Array, bits: int, prng: str
+    x: jax.Array, minimum: jax.Array, maximum: jax.Array, key: jax.Array, bits: int, prng: str,
+    lanes: bool = True,
 ) -> jax.Array:
     """The second of `quantize`'s two passes: float32 `x [..., n]` and its finite range
-    (`[...]`, finite) to the packed codes (timed alone as the bench's codes pass)."""
+    (`[...]`, finite) to the packed codes (timed alone as the bench's codes pass). `lanes`:
+    see `_hash_codes_packed`."""
     levels = jnp.float32((1 << bits) - 1)
     factor, low, span = (v[..., None] for v in _row_scaling(minimum, maximum))
     safe_span = jnp.where(span > 0, span, 1.0)
@@ -605,13 +619,16 @@ def _packed_codes(
             t = jnp.round(s).astype(jnp.int32).astype(jnp.uint32)  # half to even; s >= 0
         return (t + field) >> jnp.uint32(FIELD_BITS)
 
-    return _hash_codes_packed(x, code_of, _hash_seeds(key), bits)
+    return _hash_codes_packed(x, code_of, _hash_seeds(key), bits, lanes)
 
 
-def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) -> jax.Array:
+def _hash_codes_packed(
+    x: jax.Array, code_of: Any, seeds: jax.Array, bits: int, lanes: bool = True
+) -> jax.Array:
     """`pack_codes(code_of(x, hash_fields(key, x.shape, bits)), bits)`, computed for the planar
     layout word by word from P contiguous slices of `x`, each word's hashes from its index, so
-    that the hashing, rounding and packing are one elementwise pass."""
+    that the hashing, rounding and packing are one elementwise pass. `lanes=False` keeps the
+    words in one axis (for TensorFlow graphs, where the lanes only add ops)."""
     batch, n = x.shape[:-1], x.shape[-1]
     n_pad = _padded_length(n)
     if n_pad > n:  # NaN encodes as code 0, the value `pack_codes` pads with
@@ -630,7 +647,7 @@ def _hash_codes_packed(x: jax.Array, code_of: Any, seeds: jax.Array, bits: int) 
     # Words in rows of 8 lanes where they divide evenly: newer XLA:CPU then builds the counter
     # vector with vector adds instead of lane-by-lane inserts (bench case "part 2/2: fedkernels
     # codes pass" of `quantize_10000000_float32_b8`).
-    lanes = (width // 8, 8) if width % 8 == 0 else (width,)
+    lanes = (width // 8, 8) if lanes and width % 8 == 0 else (width,)
     planes = x.reshape(*batch, per, *lanes)
     index = lax.broadcasted_iota(jnp.uint32, lanes, 0)
     if len(lanes) == 2:

@@ -306,6 +306,23 @@ def test_finite_range_poison_flags_one_bad_entry_anywhere(bad, pos):
     assert (float(lo[1]), float(hi[1])) == (-np.inf, np.inf)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 8, 16])
+@pytest.mark.parametrize("n", [7, 4096, 70_001])
+def test_tf_graph_formulation_gives_the_same_quantization(bits, n):
+    # TFF's worker runs quantize converted to TensorFlow in another formulation (plain range
+    # reductions, no lanes axis); it must be the same function, non-finite entries included.
+    from fedkernels import _quantize
+
+    rng = np.random.default_rng(n + bits)
+    x = rng.normal(size=(2, n)).astype(np.float32)
+    x[1, rng.choice(n, size=3, replace=False)] = [np.nan, np.inf, -np.inf]
+    key = jax.random.PRNGKey(bits)
+    want = jax.jit(lambda a: fk.quantize(a, key, bits))(x)
+    got = jax.jit(lambda a: _quantize._quantize(a, key, bits, "hash", tf_graph=True))(x)
+    for a, b in zip(want[:3], got[:3]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("n", [5, 1000, 70_001])
 def test_quantize_rows_equals_quantize_per_row_and_flags_non_finite(n):
     from fedkernels import _quantize

@@ -186,7 +186,9 @@ def _quantize_round(stacked: Any, seed: jax.Array, round_num: jax.Array, bits: i
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
     shapes = [x.shape[1:] for x in leaves]
     dtypes = [x.dtype for x in leaves]
-    encode = lambda value: kernels.client_quantize(value, seed, round_num, bits, flags)
+    encode = lambda value: kernels.client_quantize(
+        value, seed, round_num, bits, flags, tf_graph=False
+    )
     decode = lambda encoded: kernels.decode(encoded, shapes, dtypes, bits)
     client_tree = jax.tree_util.tree_unflatten(treedef, leaves)
     decoded = jax.vmap(lambda v: decode(encode(v)))(client_tree)

@@ -203,18 +203,23 @@ def round_key(seed: jax.Array, round_num: jax.Array) -> jax.Array:
 
 
 def client_quantize(
-    value: Any, seed: jax.Array, round_num: jax.Array, bits: int, quantized: tuple[bool, ...]
+    value: Any, seed: jax.Array, round_num: jax.Array, bits: int, quantized: tuple[bool, ...],
+    tf_graph: bool = True,
 ) -> list[Any]:
     """Encodes one client's value: leaves flagged in `quantized` with `fedkernels.quantize`.
 
     Leaf i uses key `fold_in(fold_in(round_key, fingerprint(value)), i)`. Returns a list, one
     entry per leaf: `(packed uint32[w], minimum, maximum)` for quantized leaves, else the leaf.
+    `tf_graph`: the formulation for TensorFlow graphs (TFF's worker; the same codes), False
+    for XLA (the numpy bridge).
     """
     key = jax.random.fold_in(round_key(seed, round_num), fingerprint(value))
     encoded = []
     for i, (x, flag) in enumerate(zip(jax.tree_util.tree_leaves(value), quantized, strict=True)):
         if flag:
-            q = fk.quantize(x.reshape(-1), jax.random.fold_in(key, i), bits)
+            q = fk._quantize._quantize(
+                x.reshape(-1), jax.random.fold_in(key, i), bits, "hash", tf_graph=tf_graph
+            )
             encoded.append((q.packed, q.minimum, q.maximum))
         else:
             encoded.append(x)
