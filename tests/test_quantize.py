@@ -319,7 +319,7 @@ def test_tf_graph_formulation_gives_the_same_quantization(bits, n):
     key = jax.random.PRNGKey(bits)
     want = jax.jit(lambda a: fk.quantize(a, key, bits))(x)
     got = jax.jit(lambda a: _quantize._quantize(a, key, bits, "hash", tf_graph=True))(x)
-    for a, b in zip(want[:3], got[:3]):
+    for a, b in zip(want[:3], got[:3], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
