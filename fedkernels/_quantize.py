@@ -358,6 +358,7 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...], bits: int = 8) -> jax.A
 # pass" of `quantize_10000000_float32_b8`; 16 lanes were several times slower).
 _RANGE_FANIN = 16
 _RANGE_LANES = 8
+_RANGE_MIN_SIZE = 1 << 16  # entries in all rows, below which the range takes plain reductions
 _KEY_INF = 0x7F800000  # _order_key(+Inf); _order_key(-Inf) is ~_KEY_INF
 
 
@@ -390,14 +391,15 @@ def _finite_range(
     `poison=True`: a row with any NaN or Inf gives (-Inf, +Inf) instead, so the same pass also
     tells which rows are finite (`isfinite(min)`). There no entry is masked: a non-finite
     entry's key is at or beyond an infinity's in one of the two columns.
-    `plain=True`: masked `min` and `max` reductions instead, the same values (short rows take
-    them anyway).
+    `plain=True`: masked `min` and `max` reductions instead, the same values (short rows and
+    small inputs take them anyway).
     """
     n = x.shape[-1]
     batch = x.shape[:-1]
     inf = jnp.float32(jnp.inf)
     m = n // (_RANGE_FANIN * _RANGE_LANES)
-    if m < 4 or plain:
+    # Small inputs take plain reductions: as fast there, and far less to compile.
+    if m < 4 or x.size < _RANGE_MIN_SIZE or plain:
         finite = jnp.abs(x) < inf
         masked = -inf if poison else inf  # what a non-finite entry contributes
         return (

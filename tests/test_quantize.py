@@ -307,13 +307,13 @@ def test_finite_range_poison_flags_one_bad_entry_anywhere(bad, pos):
 
 
 @pytest.mark.parametrize("bits", [1, 3, 8, 16])
-@pytest.mark.parametrize("n", [7, 4096, 70_001])
-def test_tf_graph_formulation_gives_the_same_quantization(bits, n):
+def test_tf_graph_formulation_gives_the_same_quantization(bits):
     # TFF's worker runs quantize converted to TensorFlow in another formulation (plain range
     # reductions, no lanes axis); it must be the same function, non-finite entries included.
     from fedkernels import _quantize
 
-    rng = np.random.default_rng(n + bits)
+    n = 70_001
+    rng = np.random.default_rng(bits)
     x = rng.normal(size=(2, n)).astype(np.float32)
     x[1, rng.choice(n, size=3, replace=False)] = [np.nan, np.inf, -np.inf]
     key = jax.random.PRNGKey(bits)
@@ -396,7 +396,8 @@ def test_finite_range_extremes_in_every_slice_position():
     from fedkernels import _quantize
 
     block = _quantize._RANGE_FANIN * _quantize._RANGE_LANES
-    n = block * 70 + 5  # two tree levels plus a tail
+    n = block * 600 + 5  # two tree levels plus a tail
+    assert n >= _quantize._RANGE_MIN_SIZE
     base = np.zeros(n, np.float32)
     run = jax.jit(_quantize._finite_range)
     lanes = [_quantize._RANGE_LANES - 1, _quantize._RANGE_LANES, block - 1, block, block * 64]
