@@ -413,10 +413,10 @@ def _finite_range(
         key = _order_key(v)[..., None, :] ^ flip
         if poison:
             return key
-        # Rotated so that the finite keys (~_KEY_INF, _KEY_INF) come first as uint32, from 0,
-        # and every non-finite one at or after +Inf's: an unsigned minimum then ignores them
-        # without a mask.
-        return (key - (~key_inf + 1)).astype(jnp.uint32)
+        # Rotated by _KEY_INF so that the finite keys (~_KEY_INF, _KEY_INF) come first as
+        # uint32, from 0, and every non-finite one at or after +Inf's (2 * _KEY_INF): an
+        # unsigned minimum then ignores them without a mask.
+        return (key + key_inf).astype(jnp.uint32)
 
     # Each block a slice of `x` of its own: a reshape of one prefix slice would copy the
     # rows first when there are several and n is not a multiple of the block.
@@ -440,8 +440,8 @@ def _finite_range(
     if tail.shape[-1]:
         pair = jnp.minimum(pair, jnp.min(entry_keys(tail), axis=-1))
     if not poison:  # back from the rotation; none finite gives +Inf's key, in both columns
-        end = jnp.uint32(_KEY_INF - ~_KEY_INF - 1)
-        pair = jnp.where(pair < end, pair, end).astype(jnp.int32) + (~key_inf + 1)
+        end = jnp.uint32(2 * _KEY_INF)
+        pair = jnp.where(pair < end, pair, end).astype(jnp.int32) - key_inf
     lo, hi = pair[..., 0], ~pair[..., 1]
     if poison:  # a non-finite key is at or beyond an infinity's in one of the columns
         finite_row = (lo > ~key_inf) & (hi < key_inf)
